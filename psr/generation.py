@@ -1,0 +1,93 @@
+"""Batched generation with the chat template: left padding, length-sorted batches, a progress
+bar, seeds, and optional stopping at a step boundary (the next ``Step n:`` marker)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from psr.sampling import SamplingConfig
+from psr.steps import has_final_answer
+
+# A later step starts on a new line with "Step n:"; the first step of a completion has no newline before it.
+NEXT_STEP_RE = re.compile(r"\n[ \t]*Step\s*\d+\s*:")
+
+
+def cut_at_step_boundary(text: str) -> str:
+    """One step of ``text``: everything before the next ``Step n:`` marker, or, when the step
+    holds the final ``\\boxed{}``, up to the end of that line."""
+    m = NEXT_STEP_RE.search(text)
+    if m:
+        text = text[: m.start()]
+    if has_final_answer(text):
+        box = text.find("\\boxed{")
+        newline = text.find("\n", box)
+        if newline != -1:
+            text = text[:newline]
+    return text.rstrip()
+
+
+class StepBoundaryStopping(StoppingCriteria):
+    """Per-row stop once the new text reaches the next step's marker or ends the boxed line."""
+
+    def __init__(self, tokenizer, prompt_len: int):
+        self.tokenizer, self.prompt_len = tokenizer, prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
+        done = [bool(NEXT_STEP_RE.search(t)) or (has_final_answer(t) and "\n" in t[t.find("\\boxed{"):]) for t in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    sampling: SamplingConfig | None = None,
+    max_new_tokens: int = 384,
+    batch_size: int = 16,
+    num_samples: int = 1,
+    stop_at_step: bool = False,
+    seed: int | None = None,
+    desc: str = "generating",
+    progress: bool = True,
+) -> list[list[str]]:
+    """Complete every (already chat-templated) prompt ``num_samples`` times.
+
+    Returns one list of ``num_samples`` completions per prompt, in the order of ``prompts``.
+    Prompts are batched by length so that little is padded; ``batch_size`` counts sequences,
+    so a batch holds ``max(1, batch_size // num_samples)`` prompts.
+    """
+    sampling = sampling or SamplingConfig()
+    if sampling.policy == "greedy" and num_samples > 1:
+        raise ValueError("num_samples > 1 needs a sampling policy (fixed or edt), not greedy")
+    if seed is not None:
+        torch.manual_seed(seed)
+    tokenizer.padding_side = "left"
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    per_batch = max(1, batch_size // num_samples)
+    results: list[list[str]] = [[] for _ in prompts]
+    gen_kwargs = sampling.generate_kwargs()
+    eos = [tokenizer.eos_token_id] + ([model.generation_config.eos_token_id] if isinstance(model.generation_config.eos_token_id, int) else [])
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(order), per_batch):
+        idx = order[start : start + per_batch]
+        batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(model.device)
+        prompt_len = batch["input_ids"].shape[1]
+        stopping = StoppingCriteriaList([StepBoundaryStopping(tokenizer, prompt_len)]) if stop_at_step else None
+        out = model.generate(
+            **batch, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
+            stopping_criteria=stopping, pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(set(eos)),
+            **gen_kwargs,
+        )
+        texts = tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
+        for j, text in enumerate(texts):
+            results[idx[j // num_samples]].append(cut_at_step_boundary(text) if stop_at_step else text.strip())
+        bar.update(len(idx))
+    bar.close()
+    return results

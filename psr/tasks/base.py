@@ -1,0 +1,36 @@
+"""What every task provides: problems with a gold answer, and answer checking."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from psr.answers import is_correct
+
+
+@dataclass
+class Problem:
+    id: str
+    question: str
+    gold: str
+    # Step-formatted reference solution (``Step n: ...`` lines), when the task has one.
+    reference_steps: list[str] | None = None
+    # Task-specific facts: difficulty, intermediate results, source line ...
+    meta: dict = field(default_factory=dict)
+
+
+class Task:
+    name = "task"
+
+    def problems(self, split: str = "test", limit: int | None = None, seed: int = 0) -> list[Problem]:
+        raise NotImplementedError
+
+    def check_answer(self, problem: Problem, solution: str) -> bool:
+        return is_correct(problem.gold, solution)
+
+    def check_step(self, problem: Problem, previous_steps: list[str], step: str) -> bool | None:
+        """Is ``step`` a right next step after ``previous_steps``? None when the task cannot tell."""
+        return None
+
+    def difficulty(self, problem: Problem) -> str | None:
+        """A label to break accuracy down by, when the task has one."""
+        return None

@@ -1,0 +1,110 @@
+"""GSM8K- and MATH-style tasks from JSONL (fields ``question`` and ``answer``), from a local file
+or a hub id, read with ``datasets``. GSM8K's gold follows ``####``; MATH's is the last ``\\boxed{}``.
+
+Every row is checked: a missing field or an answer without a gold gives an error naming the file
+and the line; nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from psr.answers import gsm8k_gold, last_boxed
+from psr.tasks.base import Problem, Task
+
+
+class DataError(ValueError):
+    """A data file that cannot be used; the message names the file, the line and the field."""
+
+
+def _gold(kind: str, answer: str) -> str | None:
+    if kind == "gsm8k":
+        return gsm8k_gold(answer) if "####" in answer else None
+    return last_boxed(answer)
+
+
+def gsm8k_reference_steps(answer: str) -> list[str]:
+    """GSM8K's reference solution as steps: one step per line, calculator annotations removed,
+    the gold boxed in the last step."""
+    body, gold = answer.rsplit("####", 1)
+    lines = [re.sub(r"<<[^>]*>>", "", line).strip() for line in body.strip().splitlines() if line.strip()]
+    steps = [f"Step {i + 1}: {line}" for i, line in enumerate(lines)]
+    final = f"The answer is \\boxed{{{gold.strip().replace(',', '')}}}."
+    if steps:
+        steps[-1] += " " + final
+    else:
+        steps = [f"Step 1: {final}"]
+    return steps
+
+
+def _read_rows(data: str) -> list[tuple[int, dict]]:
+    """(line number, row) pairs from a local JSONL file, or rows of a hub dataset via ``datasets``."""
+    path = Path(data).expanduser()
+    if path.exists():
+        rows = []
+        with path.open() as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                rows.append((lineno, row))
+        if not rows:
+            raise DataError(f"{path}: no rows")
+        return rows
+    if data.startswith(("/", "./", "../", "~")) or data.endswith((".jsonl", ".json")):
+        raise DataError(f"data file {data} does not exist")
+    # A hub dataset id, optionally "id:split" (e.g. openai/gsm8k:test); needs the network.
+    from datasets import load_dataset
+
+    name, _, split = data.partition(":")
+    config = "main" if name.endswith("gsm8k") else None
+    try:
+        ds = load_dataset(name, config, split=split or "test")
+    except Exception as err:  # datasets raises many kinds here; the user needs the id and the cause
+        raise DataError(f"could not load dataset {data!r} (a local path or a hub id): {err}") from err
+    return [(i + 1, row) for i, row in enumerate(ds)]
+
+
+@dataclass
+class JsonlMathTask(Task):
+    kind: str = "gsm8k"  # or "math"
+    data: str | None = None
+    question_field: str = "question"
+    answer_field: str = "answer"
+
+    def __post_init__(self):
+        self.name = self.kind
+        if not self.data:
+            raise DataError(f"task {self.kind} needs data: a JSONL path (fields question/answer) or a hub id")
+        self._cache: list[Problem] | None = None
+
+    def all_problems(self) -> list[Problem]:
+        if self._cache is None:
+            problems = []
+            for lineno, row in _read_rows(self.data):
+                for fld in (self.question_field, self.answer_field):
+                    if fld not in row or not isinstance(row[fld], str) or not row[fld].strip():
+                        raise DataError(f"{self.data}:{lineno}: missing or empty field '{fld}'")
+                answer = row[self.answer_field]
+                gold = _gold(self.kind, answer)
+                if not gold:
+                    want = "'#### <answer>'" if self.kind == "gsm8k" else "a \\boxed{} answer"
+                    raise DataError(f"{self.data}:{lineno}: field '{self.answer_field}' has no gold ({want})")
+                steps = gsm8k_reference_steps(answer) if self.kind == "gsm8k" else None
+                problems.append(Problem(id=f"{self.kind}-{lineno:05d}", question=row[self.question_field].strip(),
+                                        gold=gold, reference_steps=steps, meta={"line": lineno}))
+            self._cache = problems
+        return self._cache
+
+    def problems(self, split: str = "test", limit: int | None = None, seed: int = 0, offset: int = 0) -> list[Problem]:
+        """Rows in file order (the split is the file itself); ``offset`` skips rows used elsewhere."""
+        rows = self.all_problems()[offset:]
+        return rows[:limit] if limit is not None else rows

@@ -1,0 +1,52 @@
+import json
+
+import pytest
+
+from psr.cli import main
+from psr.generation import generate
+from psr.sampling import SamplingConfig
+from psr.steps import render_prompt
+
+
+def test_psr_eval_end_to_end(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    rc = main(["eval", "--model", "tiny-random", "--task", "arithmetic", "--limit", "10", "--samples", "3",
+               "--max-new-tokens", "12", "--batch-size", "8", "--out", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["n"] == 10 and len(result["problems"]) == 10
+    assert set(result["by_difficulty"]) == {f"{n} steps" for n in range(2, 7)}
+    assert 0.0 <= result["accuracy"] <= 1.0 and "maj@3" in result and "pass@3" in result
+    row = result["problems"][0]
+    assert len(row["samples"]) == 3 and row["correct"] in (True, False) and row["gold"]
+    assert "problems/min" in capsys.readouterr().out
+
+
+def test_psr_eval_reports_bad_input(capsys):
+    assert main(["eval", "--model", "no-such-model", "--task", "arithmetic"]) == 2
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err
+    assert main(["eval", "--model", "tiny-random", "--task", "gsm8k", "--data", "/no/such.jsonl"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_generation_is_batched_ordered_and_seeded(tiny):
+    model, tok = tiny
+    prompts = [render_prompt(tok, q) for q in ["What is 1 + 1?", "A much longer question " * 5, "2 * 3?"]]
+    greedy_b1 = generate(model, tok, prompts, max_new_tokens=8, batch_size=1, progress=False)
+    greedy_b3 = generate(model, tok, prompts, max_new_tokens=8, batch_size=3, progress=False)
+    assert greedy_b1 == greedy_b3  # left padding does not change greedy outputs
+    fixed = SamplingConfig(policy="fixed", temperature=1.0)
+    a = generate(model, tok, prompts, fixed, max_new_tokens=8, num_samples=2, seed=3, progress=False)
+    b = generate(model, tok, prompts, fixed, max_new_tokens=8, num_samples=2, seed=3, progress=False)
+    assert a == b and all(len(x) == 2 for x in a)
+    with pytest.raises(ValueError, match="greedy"):
+        generate(model, tok, prompts, num_samples=2, progress=False)
+
+
+def test_generation_stops_at_step_boundary(tiny):
+    model, tok = tiny
+    prompts = [render_prompt(tok, "What is 2 + 3?", ["Step 1: 2 + 3 = 5."])]
+    steps = generate(model, tok, prompts, SamplingConfig(policy="fixed", temperature=1.5), max_new_tokens=60,
+                     num_samples=6, stop_at_step=True, seed=0, progress=False)[0]
+    for s in steps:
+        assert "\nStep" not in s  # never runs into the next step
