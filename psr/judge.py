@@ -44,3 +44,162 @@ def parse_verdict(text: str) -> str | None:
     if not found or len(set(found)) > 1 and not text.rstrip().endswith("]]"):
         return None
     return found[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The judge itself
+# ---------------------------------------------------------------------------------------------
+import copy  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from itertools import permutations  # noqa: E402
+from typing import Literal  # noqa: E402
+
+import torch  # noqa: E402
+
+
+@dataclass
+class JudgeConfig:
+    mode: Literal["logits", "generate"] = "logits"
+    # agree: i beats j only if both orders (i as A, i as B) prefer i; sum: P(i wins) summed over both orders > 1
+    aggregation: Literal["agree", "sum"] = "agree"
+    prefix_reuse: bool = True  # logits mode: encode question + steps so far once per step, reuse its KV cache
+    template: str | None = None  # override JUDGE_PROMPT (fields: question, previous, step_a, step_b)
+    max_new_tokens: int = 96  # generate mode: room for a short justification + verdict
+    batch_size: int = 32  # judge prompts per forward pass / generate call
+
+
+@dataclass
+class Comparison:
+    """All ordered comparisons among one step's candidates, and what they add up to."""
+
+    order_scores: dict  # "i,j" -> P(A) (logits) or "A"/"B"/None (generate), candidate i shown as A
+    wins: list[list[int]]  # wins[i][j] = 1 when the judge prefers i over j (O(s_i, s_j))
+    scores: list[int]  # score_i = sum_j wins[i][j]
+    disagreements: int  # unordered pairs whose two orders disagree
+    unparseable: int = 0  # generate mode: replies without a verdict (counted as no preference)
+    replies: dict = field(default_factory=dict)  # generate mode: raw replies, "i,j" -> text
+
+
+class StepJudge:
+    """The model as a pairwise judge of candidate next steps (both orders, aggregated)."""
+
+    def __init__(self, model, tokenizer, cfg: JudgeConfig | None = None):
+        self.model, self.tok, self.cfg = model, tokenizer, cfg or JudgeConfig()
+        self.template = self.cfg.template or JUDGE_PROMPT
+        # Token ids of "A" and "B" right after the verdict prefix, as the tokenizer splits them.
+        base = self.tok(VERDICT_PREFIX, add_special_tokens=False)["input_ids"]
+        self.choice_ids = []
+        for letter in "AB":
+            ids = self.tok(VERDICT_PREFIX + letter, add_special_tokens=False)["input_ids"]
+            if ids[: len(base)] != base or len(ids) <= len(base):
+                raise ValueError(f"tokenizer merges the verdict letter into {VERDICT_PREFIX!r}; logits mode cannot read it")
+            self.choice_ids.append(ids[len(base)])
+
+    # -- prompts ---------------------------------------------------------------------------
+    def prompt(self, question: str, previous: list[str], step_a: str, step_b: str, for_logits: bool) -> str:
+        text = self.tok.apply_chat_template(judge_messages(question, previous, step_a, step_b, self.template),
+                                            tokenize=False, add_generation_prompt=True)
+        return text + VERDICT_PREFIX if for_logits else text
+
+    # -- logits mode -----------------------------------------------------------------------
+    @torch.no_grad()
+    def _prob_a_plain(self, prompts: list[str]) -> list[float]:
+        """P(A) / (P(A) + P(B)) at the verdict position, batched with left padding."""
+        self.tok.padding_side = "left"
+        out = []
+        for s in range(0, len(prompts), self.cfg.batch_size):
+            batch = self.tok(prompts[s : s + self.cfg.batch_size], return_tensors="pt", padding=True,
+                             add_special_tokens=False).to(self.model.device)
+            logits = self.model(**batch).logits[:, -1, :]
+            out += torch.softmax(logits[:, self.choice_ids].float(), dim=-1)[:, 0].tolist()
+        return out
+
+    @torch.no_grad()
+    def _prob_a_shared_prefix(self, prompts: list[str]) -> list[float]:
+        """Same as ``_prob_a_plain`` for prompts that share a long prefix (one step's comparisons):
+        the common token prefix is encoded once and its KV cache reused for every suffix."""
+        ids = [self.tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        common = len(ids[0])
+        for row in ids[1:]:
+            common = next((k for k, (x, y) in enumerate(zip(ids[0], row)) if x != y), min(common, len(row)))
+            common = min(common, len(row))
+        common = min(common, min(len(r) for r in ids) - 1)  # every row keeps at least one token of its own
+        if common < 8:
+            return self._prob_a_plain(prompts)
+        device = self.model.device
+        prefix = torch.tensor([ids[0][:common]], device=device)
+        cache = self.model(input_ids=prefix, use_cache=True).past_key_values
+        out = []
+        for s in range(0, len(ids), self.cfg.batch_size):
+            rows = [r[common:] for r in ids[s : s + self.cfg.batch_size]]
+            width = max(len(r) for r in rows)
+            pad = self.tok.pad_token_id
+            suffix = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)  # right padding
+            mask = torch.tensor([[1] * (common + len(r)) + [0] * (width - len(r)) for r in rows], device=device)
+            batch_cache = copy.deepcopy(cache)
+            batch_cache.batch_repeat_interleave(len(rows))
+            positions = torch.arange(common, common + width, device=device).expand(len(rows), -1)
+            logits = self.model(input_ids=suffix, attention_mask=mask, position_ids=positions,
+                                past_key_values=batch_cache, use_cache=True).logits
+            last = torch.tensor([len(r) - 1 for r in rows], device=device)
+            picked = logits[torch.arange(len(rows), device=device), last][:, self.choice_ids].float()
+            out += torch.softmax(picked, dim=-1)[:, 0].tolist()
+        return out
+
+    # -- generate mode ---------------------------------------------------------------------
+    def _generate_verdicts(self, prompts: list[str]) -> list[str]:
+        from psr.generation import generate  # late import: generation imports sampling, not judge
+
+        replies = generate(self.model, self.tok, prompts, max_new_tokens=self.cfg.max_new_tokens,
+                           batch_size=self.cfg.batch_size, progress=False)
+        return [r[0] for r in replies]
+
+    # -- public ----------------------------------------------------------------------------
+    def compare(self, items: list[tuple[str, list[str], list[str]]]) -> list[Comparison]:
+        """Judge every ordered pair of candidates for each ``(question, previous_steps, candidates)``."""
+        logits = self.cfg.mode == "logits"
+        per_item = []
+        for question, previous, cands in items:
+            orders = list(permutations(range(len(cands)), 2))
+            per_item.append((orders, [self.prompt(question, previous, cands[i], cands[j], logits) for i, j in orders]))
+        if logits and self.cfg.prefix_reuse:
+            raw = [self._prob_a_shared_prefix(prompts) if prompts else [] for _, prompts in per_item]
+        else:
+            flat = [p for _, prompts in per_item for p in prompts]
+            values = (self._prob_a_plain if logits else self._generate_verdicts)(flat) if flat else []
+            raw, k = [], 0
+            for _, prompts in per_item:
+                raw.append(values[k : k + len(prompts)])
+                k += len(prompts)
+        return [self._aggregate(len(c), orders, vals, logits) for (_, _, c), (orders, _), vals in zip(items, per_item, raw)]
+
+    def _aggregate(self, n: int, orders, values, logits: bool) -> Comparison:
+        seen = dict(zip(orders, values))
+        wins = [[0] * n for _ in range(n)]
+        disagreements = unparseable = 0
+        replies = {}
+        for i in range(n):
+            for j in range(i + 1, n):
+                if logits:
+                    p_i_first, p_i_second = seen[i, j], 1.0 - seen[j, i]  # P(i better) in each order
+                    votes = [p_i_first > 0.5, p_i_second > 0.5]
+                    strength = p_i_first + p_i_second - 1.0  # > 0: i preferred on the summed probabilities
+                else:
+                    replies[f"{i},{j}"], replies[f"{j},{i}"] = seen[i, j], seen[j, i]
+                    v1, v2 = parse_verdict(seen[i, j]), parse_verdict(seen[j, i])
+                    unparseable += (v1 is None) + (v2 is None)
+                    votes = [None if v1 is None else v1 == "A", None if v2 is None else v2 == "B"]
+                    strength = sum(1 if v else -1 for v in votes if v is not None)
+                if votes[0] is not None and votes[1] is not None and votes[0] != votes[1]:
+                    disagreements += 1
+                if self.cfg.aggregation == "agree":
+                    if votes[0] is True and votes[1] is True:
+                        wins[i][j] = 1
+                    elif votes[0] is False and votes[1] is False:
+                        wins[j][i] = 1
+                elif strength > 0:
+                    wins[i][j] = 1
+                elif strength < 0:
+                    wins[j][i] = 1
+        order_scores = {f"{i},{j}": (round(v, 4) if logits else parse_verdict(v)) for (i, j), v in seen.items()}
+        return Comparison(order_scores, wins, [sum(r) for r in wins], disagreements, unparseable, replies)

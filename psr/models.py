@@ -22,6 +22,7 @@ EMBEDDED = "smollm2-135m"
 TINY = "tiny-random"
 BUILTIN_MODELS = (EMBEDDED, TINY)
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_TINY_VERSION = 3
 _HUB_ID_RE = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 CHATML_TEMPLATE = (
@@ -104,7 +105,13 @@ def _tiny_corpus() -> list[str]:
     for p in task.problems("train", 300, seed=12345):
         texts.append(REASONING_PROMPT.format(question=p.question))
         texts.append("\n".join(p.reference_steps))
-    texts += ["Step 1: Step 2: Step 3: [[A]] [[B]] Score: 5 The answer is \\boxed{} assistant user system"] * 20
+    # The judge prompts and reply formats, so they tokenize compactly (and score digits stay single tokens).
+    from psr.judge import JUDGE_PROMPT, judge_reply
+    from psr.srlm import SRLM_PROMPT
+
+    texts += [JUDGE_PROMPT, SRLM_PROMPT] * 10
+    texts += [judge_reply(v) for v in "AB"] * 20 + [f"Score: {d}" for d in range(6)] * 20
+    texts += ["Step 1: Step 2: Step 3: The answer is \\boxed{} assistant user system"] * 20
     return texts
 
 
@@ -117,7 +124,9 @@ def tiny_model_path() -> Path:
 
         specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
         bpe = Tokenizer(models.BPE())
-        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        # Digits one by one, as SmolLM2 splits them: numbers and score digits tokenize the same way.
+        bpe.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
         bpe.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -135,7 +144,8 @@ def tiny_model_path() -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
 
-    return _atomic_save(build, cache_dir() / TINY)
+    # The version in the folder name keeps an older cached build from being used after the recipe changes.
+    return _atomic_save(build, cache_dir() / f"{TINY}-v{_TINY_VERSION}")
 
 
 def resolve_model_path(name: str) -> str:

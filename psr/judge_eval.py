@@ -1,0 +1,105 @@
+"""How good is the model as a step judge? ``psr judge-eval``.
+
+On held-out correct-vs-corrupted step pairs of the built-in task (test split, so never seen in
+EFT training), or on any labelled pairs file whose ``chosen`` is the right step: accuracy (the
+aggregated verdict prefers the right step), per-order accuracy, agreement between the two
+orders, and position bias (share of "A" among all single-order verdicts).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+from psr.files import read_jsonl, write_json_atomic
+from psr.judge import JudgeConfig, StepJudge, parse_verdict
+from psr.tasks import TaskConfig, make_task
+from psr.tasks.arithmetic import CORRUPTIONS
+from psr.tasks.jsonl import DataError
+
+
+@dataclass
+class JudgeEvalConfig:
+    model: str = "smollm2-135m"
+    task: TaskConfig = field(default_factory=TaskConfig)
+    pairs_file: str | None = None  # labelled pairs (prompt/chosen/rejected, chosen = right); else built-in pairs
+    limit: int | None = 200
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    seed: int = 0
+    dtype: str | None = None
+    out: str | None = None
+
+
+def heldout_step_pairs(task, limit: int, seed: int = 0, split: str = "test") -> list[dict]:
+    """Right step vs a corruption of it, at a random step of each held-out problem; corruption kinds cycle."""
+    rng = random.Random(f"judge-pairs-{split}-{seed}")
+    rows = []
+    for n, p in enumerate(task.problems(split, limit, seed=seed)):
+        k = rng.randrange(len(p.reference_steps))
+        kind = CORRUPTIONS[n % len(CORRUPTIONS)]
+        rows.append({"question": p.question, "previous_steps": p.reference_steps[:k], "chosen": p.reference_steps[k],
+                     "rejected": task.corrupt_step(p, k, kind, rng), "kind": kind, "step_index": k, "problem_id": p.id})
+    return rows
+
+
+def _labelled_pairs(path: str, limit: int | None) -> list[dict]:
+    rows = []
+    for lineno, row in enumerate(read_jsonl(path), 1):
+        for fld in ("chosen", "rejected"):
+            if not isinstance(row.get(fld), str):
+                raise DataError(f"{path}:{lineno}: missing field '{fld}'")
+        if "question" not in row and "prompt" not in row:
+            raise DataError(f"{path}:{lineno}: missing field 'question' (or 'prompt')")
+        rows.append({"question": row.get("question", row.get("prompt")), "previous_steps": row.get("previous_steps", []),
+                     "chosen": row["chosen"], "rejected": row["rejected"], "kind": row.get("kind", "labelled")})
+    return rows[:limit] if limit else rows
+
+
+def judge_eval(cfg: JudgeEvalConfig, model=None, tokenizer=None) -> dict:
+    from psr.models import load_model
+
+    if model is None:
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
+    pairs = (_labelled_pairs(cfg.pairs_file, cfg.limit) if cfg.pairs_file
+             else heldout_step_pairs(make_task(cfg.task), cfg.limit or 200, cfg.seed))
+    judge = StepJudge(model, tokenizer, cfg.judge)
+    comps = judge.compare([(r["question"], r["previous_steps"], [r["chosen"], r["rejected"]]) for r in pairs])
+
+    by_kind = defaultdict(list)
+    a_share, per_order, agree = [], [], []
+    for r, c in zip(pairs, comps):
+        first, second = c.order_scores["0,1"], c.order_scores["1,0"]  # right step shown as A, then as B
+        if cfg.judge.mode == "logits":
+            says_a = [first > 0.5, second > 0.5]
+        else:
+            says_a = [None if v is None else v == "A" for v in (first, second)]
+        right = [says_a[0] is True, says_a[1] is False]
+        correct = c.wins[0][1] == 1
+        by_kind[r["kind"]].append(correct)
+        per_order += right
+        a_share += [x for x in says_a if x is not None]
+        agree.append(right[0] == right[1] and None not in says_a)
+        r.update(correct=correct, verdicts=[first, second])
+    n = max(1, len(pairs))
+    result = {
+        "model": cfg.model, "n": len(pairs), "mode": cfg.judge.mode, "aggregation": cfg.judge.aggregation,
+        "accuracy": sum(r["correct"] for r in pairs) / n,
+        "per_order_accuracy": sum(per_order) / max(1, len(per_order)),
+        "order_agreement": sum(agree) / n,
+        "position_bias_share_A": sum(a_share) / max(1, len(a_share)),
+        "unparseable": sum(c.unparseable for c in comps),
+        "by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
+        "config": asdict(cfg),
+        "pairs": pairs,
+    }
+    if cfg.out:
+        write_json_atomic(cfg.out, result)
+    return result
+
+
+def format_judge_eval(r: dict) -> str:
+    kinds = ", ".join(f"{k} {v:.3f}" for k, v in r["by_kind"].items())
+    return (f"judge ({r['mode']}, {r['aggregation']}) on {r['n']} pairs: accuracy {r['accuracy']:.3f}, "
+            f"per-order {r['per_order_accuracy']:.3f}, order agreement {r['order_agreement']:.3f}, "
+            f"share of A {r['position_bias_share_A']:.3f}, unparseable {r['unparseable']}\nby kind: {kinds}")

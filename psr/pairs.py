@@ -1,0 +1,112 @@
+"""Data generation, stage 2: step-level preference pairs from search traces.
+
+``pairs.jsonl`` is TRL's preference format plus metadata: ``prompt`` is the rendered question
+(chat template, assistant turn open) followed by the steps so far, each ending in a newline;
+``chosen``/``rejected`` are single steps (no EOS: a step is not the end of an answer). SRLM rows
+pair whole solutions instead (``kind: solution``). Load with ``datasets.load_dataset("json", ...)``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from psr.steps import render_prompt
+
+
+@dataclass
+class PairsConfig:
+    min_margin: int = 1  # score(chosen) - score(rejected) must reach this
+    max_step_tokens: int = 256  # drop pairs whose chosen or rejected is longer (tokens)
+    drop_identical: bool = True  # chosen == rejected (after stripping) carries no signal
+
+
+def build_pairs(traces: list[dict], tokenizer, cfg: PairsConfig | None = None, round_index: int = 1) -> list[dict]:
+    cfg = cfg or PairsConfig()
+    rows = []
+    for t in traces:
+        if t["method"] == "srlm":
+            rows += _srlm_pairs(t, tokenizer, cfg, round_index)
+            continue
+        for e in t["events"]:
+            if not e.get("kept"):
+                continue  # ties and rolled-back steps make no pair
+            chosen, rejected = e["candidates"][e["best"]], e["candidates"][e["worst"]]
+            row = _pair_row(t, tokenizer, e["previous_steps"], chosen, rejected, e["scores"][e["best"]],
+                            e["scores"][e["worst"]], cfg, round_index, kind="step")
+            if row:
+                row.update(step_index=e["step_index"], chosen_correct=e["candidate_correct"][e["best"]],
+                           rejected_correct=e["candidate_correct"][e["worst"]])
+                rows.append(row)
+    return rows
+
+
+def _pair_row(t, tokenizer, previous, chosen, rejected, s_chosen, s_rejected, cfg, round_index, kind):
+    if cfg.drop_identical and chosen.strip() == rejected.strip():
+        return None
+    if s_chosen - s_rejected < cfg.min_margin:
+        return None
+    longest = max(len(tokenizer(x, add_special_tokens=False)["input_ids"]) for x in (chosen, rejected))
+    if longest > cfg.max_step_tokens or not chosen.strip():
+        return None
+    return {
+        "prompt": render_prompt(tokenizer, t["question"], previous), "chosen": chosen, "rejected": rejected,
+        "problem_id": t["problem_id"], "question": t["question"], "previous_steps": list(previous),
+        "chosen_score": s_chosen, "rejected_score": s_rejected, "margin": s_chosen - s_rejected,
+        "round": round_index, "method": t["method"], "kind": kind,
+    }
+
+
+def _srlm_pairs(t, tokenizer, cfg, round_index):
+    scores = t["scores"]
+    if not scores or max(scores) == min(scores):
+        return []
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+    worst = min(range(len(scores)), key=lambda i: (scores[i], i))
+    row = _pair_row(t, tokenizer, [], t["samples"][best], t["samples"][worst], scores[best], scores[worst],
+                    PairsConfig(cfg.min_margin, max_step_tokens=10**9, drop_identical=cfg.drop_identical),
+                    round_index, kind="solution")
+    if row:
+        row.update(step_index=0, chosen_correct=t["sample_correct"][best], rejected_correct=t["sample_correct"][worst])
+    return [row] if row else []
+
+
+def pair_stats(traces: list[dict], pairs: list[dict]) -> dict:
+    """Pairs per problem and per step index; where the truth is known, how often chosen is right
+    and rejected is wrong; how the searches ended; how often the judge's two orders disagreed."""
+    known = [p for p in pairs if p.get("chosen_correct") is not None and p.get("rejected_correct") is not None]
+    events = [e for t in traces for e in t.get("events", [])]
+    comparisons = sum(len(e["scores"]) * (len(e["scores"]) - 1) // 2 for e in events)
+    stats = {
+        "problems": len(traces),
+        "pairs": len(pairs),
+        "pairs_per_problem": round(len(pairs) / max(1, len(traces)), 3),
+        "pairs_per_step_index": dict(sorted(Counter(p["step_index"] for p in pairs).items())),
+        "status": dict(Counter(t["status"] for t in traces)),
+        "final_accuracy": round(sum(t["final_correct"] for t in traces) / max(1, len(traces)), 4),
+        "mean_steps_per_solution": round(sum(len(t.get("path", [])) for t in traces) / max(1, len(traces)), 3),
+        "order_disagreement_rate": round(sum(e["order_disagreements"] for e in events) / max(1, comparisons), 4) if events else None,
+        "unparseable_verdicts": sum(e.get("unparseable", 0) for e in events),
+        "ties": sum(bool(e.get("tie")) for e in events),
+    }
+    if known:
+        stats["truth"] = {
+            "pairs_with_truth": len(known),
+            "chosen_right": round(sum(p["chosen_correct"] for p in known) / len(known), 4),
+            "rejected_wrong": round(sum(not p["rejected_correct"] for p in known) / len(known), 4),
+            "chosen_right_and_rejected_wrong": round(sum(p["chosen_correct"] and not p["rejected_correct"] for p in known) / len(known), 4),
+        }
+    return stats
+
+
+def format_stats(stats: dict) -> str:
+    lines = [f"problems {stats['problems']}, pairs {stats['pairs']} ({stats['pairs_per_problem']} per problem), "
+             f"final accuracy {stats['final_accuracy']:.3f}, steps/solution {stats['mean_steps_per_solution']}",
+             f"pairs per step index: {stats['pairs_per_step_index']}", f"search ended: {stats['status']}",
+             f"judge order disagreement: {stats['order_disagreement_rate']}, unparseable verdicts: "
+             f"{stats['unparseable_verdicts']}, ties: {stats['ties']}"]
+    if "truth" in stats:
+        t = stats["truth"]
+        lines.append(f"truth ({t['pairs_with_truth']} pairs): chosen right {t['chosen_right']:.3f}, rejected wrong "
+                     f"{t['rejected_wrong']:.3f}, both {t['chosen_right_and_rejected_wrong']:.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,217 @@
+"""Data generation, stage 1: step-wise search with the model as its own step judge (PSR), or the
+outcome-based Self-Rewarding baseline (SRLM). Writes ``search.jsonl`` (one trace per problem).
+
+PSR search, per problem (DESIGN.md §1): for each step, sample ``width`` candidate next steps,
+score each by its pairwise wins, emit (best, worst) as a pair and extend the path with best; when
+the judge cannot separate the candidates (max score == min score), drop the last step and its
+pair and try again (at most ``max_rollbacks`` times); stop at the final ``\\boxed{}`` or after
+``max_steps``. Ground truth is recorded for evaluation only: it never feeds the pairs.
+
+Problems are processed in fixed chunks; chunk ``c`` is seeded from ``(seed, c)`` and saved as
+soon as it is done, so that (a) under ``accelerate launch`` ranks take chunks round-robin and the
+merged result equals a single-process run, and (b) a killed search resumes at its first unsaved chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from psr.answers import extract_answer
+from psr.files import read_jsonl, write_jsonl_atomic
+from psr.generation import generate
+from psr.judge import JudgeConfig, StepJudge
+from psr.pairs import PairsConfig
+from psr.sampling import SamplingConfig
+from psr.steps import has_final_answer, render_prompt
+from psr.tasks import TaskConfig, make_task
+
+
+@dataclass
+class SRLMConfig:
+    samples: int = 4  # k whole solutions per problem
+    max_new_tokens: int = 320
+    judge_mode: Literal["logits", "generate"] = "logits"  # score from P("0".."5") or parse "Score: N"
+    judge_max_new_tokens: int = 128
+
+
+@dataclass
+class SearchConfig:
+    model: str = "smollm2-135m"
+    task: TaskConfig = field(default_factory=TaskConfig)
+    method: Literal["psr", "srlm"] = "psr"
+    split: str = "train"
+    limit: int | None = 64
+    offset: int = 0  # gsm8k/math: first row to use
+    width: int = 6  # candidates per step (paper: 6)
+    max_steps: int = 20  # paper: 20
+    max_rollbacks: int = 3  # tie rule: how often a problem may roll back before it is given up
+    max_step_tokens: int = 96  # new tokens per candidate step
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(policy="edt"))
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    srlm: SRLMConfig = field(default_factory=SRLMConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    chunk_size: int = 8  # problems searched together (batched); also the unit of resume and sharding
+    batch_size: int = 48  # sequences per generate call
+    seed: int = 0
+    round: int = 1
+    dtype: str | None = None
+    out: str = "runs/search"
+
+    def __post_init__(self):
+        if self.width < 2:
+            raise ValueError(f"width must be >= 2 (pairs need two candidates), got {self.width}")
+        if self.chunk_size < 1 or self.max_steps < 1:
+            raise ValueError("chunk_size and max_steps must be >= 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# PSR: step-wise search
+# ---------------------------------------------------------------------------------------------
+def model_proposer(model, tok, cfg: SearchConfig):
+    """``propose([(question, steps so far), ...]) -> [[candidate step] * width, ...]``, batched."""
+
+    def propose(items):
+        prompts = [render_prompt(tok, question, path) for question, path in items]
+        return generate(model, tok, prompts, cfg.sampling, cfg.max_step_tokens, cfg.batch_size,
+                        num_samples=cfg.width, stop_at_step=True, progress=False)
+
+    return propose
+
+
+def search_chunk(problems, task, propose, judge, cfg: SearchConfig) -> list[dict]:
+    """Step-wise search for a few problems in lockstep (their candidates batched together).
+    ``propose`` samples candidate steps (see ``model_proposer``); ``judge.compare`` scores them."""
+    states = [{"problem": p, "path": [], "events": [], "rollbacks": 0, "status": None} for p in problems]
+    active = list(states)
+    while active:
+        candidates = propose([(s["problem"].question, s["path"]) for s in active])
+        comparisons = judge.compare([(s["problem"].question, s["path"], c) for s, c in zip(active, candidates)])
+        still = []
+        for s, cands, comp in zip(active, candidates, comparisons):
+            p = s["problem"]
+            event = {
+                "step_index": len(s["path"]), "previous_steps": list(s["path"]), "candidates": cands,
+                "candidate_correct": [task.check_step(p, s["path"], c) for c in cands],
+                "judgments": comp.order_scores, "scores": comp.scores,
+                "order_disagreements": comp.disagreements, "unparseable": comp.unparseable,
+            }
+            s["events"].append(event)
+            if max(comp.scores) == min(comp.scores):  # the judge cannot separate them: roll back
+                event["tie"] = True
+                s["rollbacks"] += 1
+                if s["path"]:
+                    s["path"].pop()
+                    kept = [e for e in s["events"] if e.get("kept")]
+                    kept[-1]["kept"] = False
+                    kept[-1]["rolled_back"] = True
+                if s["rollbacks"] > cfg.max_rollbacks:
+                    s["status"] = "gave_up"
+                else:
+                    still.append(s)
+                continue
+            best = max(range(len(cands)), key=lambda i: (comp.scores[i], -i))
+            worst = min(range(len(cands)), key=lambda i: (comp.scores[i], i))
+            event.update(tie=False, best=best, worst=worst, kept=True)
+            s["path"].append(cands[best])
+            if has_final_answer(cands[best]):
+                s["status"] = "answered"
+            elif not cands[best].strip():
+                s["status"] = "empty_step"
+            elif len(s["path"]) >= cfg.max_steps:
+                s["status"] = "max_steps"
+            else:
+                still.append(s)
+        active = still
+    return [_trace(s, task, "psr") for s in states]
+
+
+def _trace(s: dict, task, method: str) -> dict:
+    p = s["problem"]
+    solution = "\n".join(s["path"])
+    return {
+        "problem_id": p.id, "question": p.question, "gold": p.gold, "method": method,
+        "difficulty": task.difficulty(p), "status": s["status"], "rollbacks": s["rollbacks"],
+        "path": s["path"], "final_answer": extract_answer(solution) if s["path"] else None,
+        "final_correct": bool(s["path"]) and task.check_answer(p, solution),
+        "events": s["events"],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver: chunks, seeds, resume, sharding across accelerate processes
+# ---------------------------------------------------------------------------------------------
+def _dist():
+    """(rank, world size, barrier) from torch.distributed when accelerate started several processes."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size(), torch.distributed.barrier
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        from accelerate import PartialState
+
+        # Without a GPU accelerate only sets up gloo when asked for the CPU explicitly.
+        state = PartialState(cpu=not torch.cuda.is_available())
+        return state.process_index, state.num_processes, state.wait_for_everyone
+    return 0, 1, lambda: None
+
+
+def run_search(cfg: SearchConfig, model=None, tokenizer=None, progress: bool = True) -> dict:
+    """Search every problem, write ``out/search.jsonl`` and ``out/pairs.jsonl``; return the pair stats."""
+    from psr.models import load_model
+    from psr.pairs import build_pairs, pair_stats
+
+    rank, world, barrier = _dist()
+    out = Path(cfg.out)
+    chunk_dir = out / "search_chunks"
+    chunk_dir.mkdir(parents=True, exist_ok=True)
+    task = make_task(cfg.task)
+    kwargs = {"offset": cfg.offset} if cfg.task.name != "arithmetic" else {}
+    problems = task.problems(cfg.split, cfg.limit, seed=cfg.seed, **kwargs)
+    chunks = [problems[i : i + cfg.chunk_size] for i in range(0, len(problems), cfg.chunk_size)]
+    mine = [c for c in range(len(chunks)) if c % world == rank and not (chunk_dir / f"{c:05d}.jsonl").exists()]
+
+    if mine:
+        if model is None:
+            device = f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+            model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=device)
+        judge = StepJudge(model, tokenizer, cfg.judge) if cfg.method == "psr" else None
+        started = time.perf_counter()
+        bar = tqdm(total=sum(len(chunks[c]) for c in mine), desc=f"{cfg.method} search (rank {rank})",
+                   unit="problem", disable=not progress, dynamic_ncols=True)
+        for c in mine:
+            torch.manual_seed(cfg.seed * 1_000_003 + c)  # per-chunk seed: same result whatever the sharding
+            if cfg.method == "psr":
+                traces = search_chunk(chunks[c], task, model_proposer(model, tokenizer, cfg), judge, cfg)
+            else:
+                from psr.srlm import srlm_chunk
+
+                traces = srlm_chunk(chunks[c], task, model, tokenizer, cfg)
+            write_jsonl_atomic(chunk_dir / f"{c:05d}.jsonl", traces)
+            bar.update(len(chunks[c]))
+        bar.close()
+        (chunk_dir / f"timing.rank{rank}.json").write_text(json.dumps({"seconds": time.perf_counter() - started}))
+    barrier()
+    if rank != 0:
+        barrier()
+        return {}
+    traces = [t for c in range(len(chunks)) for t in read_jsonl(chunk_dir / f"{c:05d}.jsonl")]
+    write_jsonl_atomic(out / "search.jsonl", traces)
+    if tokenizer is None:
+        from psr.models import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model)
+    pairs = build_pairs(traces, tokenizer, cfg.pairs, round_index=cfg.round)
+    write_jsonl_atomic(out / "pairs.jsonl", pairs)
+    stats = pair_stats(traces, pairs)
+    stats["config"] = asdict(cfg)
+    (out / "pair_stats.json").write_text(json.dumps(stats, indent=2))
+    barrier()
+    return stats

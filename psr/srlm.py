@@ -1,0 +1,100 @@
+"""The baseline users compare against: outcome-based Self-Rewarding (SRLM, Yuan et al. 2024).
+
+Sample k whole solutions per problem, score each with the model as a pointwise LLM-as-a-Judge
+(the additive 5-point rubric, ``Score: N``), and pair the best with the worst whole solution.
+Same files and formats as the PSR search (``search.jsonl`` traces, ``pairs.jsonl`` rows with
+``kind: solution``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from psr.answers import extract_answer
+from psr.generation import generate
+from psr.steps import render_prompt, split_steps
+
+SRLM_PROMPT = (
+    "Review the user's math question and the response below using the additive 5-point scoring system. "
+    "Points accumulate for each criterion met:\n"
+    "- Add 1 point if the response is relevant and makes some progress on the question.\n"
+    "- Add another point if it addresses a substantial part of the problem with correct reasoning.\n"
+    "- Award a third point if its steps are correct and reach a final answer.\n"
+    "- Grant a fourth point if every step is correct, clearly written and well organised.\n"
+    "- Bestow a fifth point if the solution is correct, complete, concise and without any error.\n\n"
+    "Question: {question}\n\n<response>{response}</response>\n\n"
+    "After examining the question and the response, briefly justify your total score, then conclude with "
+    "\"Score: <total points>\"."
+)
+_SCORE_RE = re.compile(r"Score:\s*([0-5])")
+
+
+def parse_score(text: str) -> int | None:
+    found = _SCORE_RE.findall(text)
+    return int(found[-1]) if found else None
+
+
+class RubricJudge:
+    """Pointwise 0–5 scores: expected score from P("0".."5") after ``Score:`` (logits) or parsed replies."""
+
+    def __init__(self, model, tokenizer, mode: str = "logits", max_new_tokens: int = 128, batch_size: int = 16):
+        self.model, self.tok, self.mode = model, tokenizer, mode
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.prefix, self.digit_ids = self._score_tokens()
+
+    def _score_tokens(self):
+        # Find a prefix after which each digit is one token of its own (tokenizers differ on the space).
+        for prefix, sep in (("Score: ", ""), ("Score:", " ")):
+            base = self.tok(prefix, add_special_tokens=False)["input_ids"]
+            ids = [self.tok(prefix + sep + str(d), add_special_tokens=False)["input_ids"] for d in range(6)]
+            if all(i[: len(base)] == base and len(i) == len(base) + 1 for i in ids):
+                return prefix, [i[-1] for i in ids]
+        raise ValueError("cannot find single-token score digits for this tokenizer; use judge_mode: generate")
+
+    def _prompt(self, question: str, response: str, for_logits: bool) -> str:
+        messages = [{"role": "user", "content": SRLM_PROMPT.format(question=question, response=response.strip())}]
+        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text + self.prefix if for_logits else text
+
+    @torch.no_grad()
+    def score(self, items: list[tuple[str, str]]) -> tuple[list[float], int]:
+        """Scores for (question, response) items and the number of unparseable replies."""
+        if self.mode == "generate":
+            replies = generate(self.model, self.tok, [self._prompt(q, r, False) for q, r in items],
+                               max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, progress=False)
+            parsed = [parse_score(r[0]) for r in replies]
+            return [float(s) if s is not None else 0.0 for s in parsed], sum(s is None for s in parsed)
+        self.tok.padding_side = "left"
+        prompts = [self._prompt(q, r, True) for q, r in items]
+        scores = []
+        for s in range(0, len(prompts), self.batch_size):
+            batch = self.tok(prompts[s : s + self.batch_size], return_tensors="pt", padding=True,
+                             add_special_tokens=False).to(self.model.device)
+            probs = torch.softmax(self.model(**batch).logits[:, -1, self.digit_ids].float(), dim=-1)
+            scores += (probs @ torch.arange(6.0, device=probs.device)).tolist()
+        return scores, 0
+
+
+def srlm_chunk(problems, task, model, tok, cfg) -> list[dict]:
+    """Sample ``cfg.srlm.samples`` whole solutions per problem and score them with the rubric."""
+    k = cfg.srlm.samples
+    prompts = [render_prompt(tok, p.question) for p in problems]
+    samples = generate(model, tok, prompts, cfg.sampling, cfg.srlm.max_new_tokens, cfg.batch_size,
+                       num_samples=k, progress=False)
+    judge = RubricJudge(model, tok, cfg.srlm.judge_mode, cfg.srlm.judge_max_new_tokens, cfg.judge.batch_size)
+    scores, unparseable = judge.score([(p.question, s) for p, ss in zip(problems, samples) for s in ss])
+    traces = []
+    for n, (p, ss) in enumerate(zip(problems, samples)):
+        sc = scores[n * k : (n + 1) * k]
+        best = max(range(k), key=lambda i: (sc[i], -i))
+        correct = [task.check_answer(p, s) for s in ss]
+        traces.append({
+            "problem_id": p.id, "question": p.question, "gold": p.gold, "method": "srlm",
+            "difficulty": task.difficulty(p), "status": "sampled", "rollbacks": 0,
+            "path": split_steps(ss[best]), "final_answer": extract_answer(ss[best]), "final_correct": correct[best],
+            "samples": ss, "scores": sc, "sample_correct": correct, "unparseable": unparseable if n == 0 else 0,
+            "events": [],
+        })
+    return traces

@@ -1,0 +1,253 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from psr.judge import Comparison, JudgeConfig, StepJudge, judge_reply, parse_verdict
+from psr.pairs import PairsConfig, build_pairs, pair_stats
+from psr.search import SearchConfig, run_search, search_chunk
+from psr.tasks import ArithmeticTask
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ScriptedJudge:
+    """Prefers the candidate with the higher ``rank(text)``; equal ranks are no preference."""
+
+    def __init__(self, rank):
+        self.rank = rank
+
+    def compare(self, items):
+        out = []
+        for _, _, cands in items:
+            r = [self.rank(c) for c in cands]
+            wins = [[int(r[i] > r[j]) for j in range(len(r))] for i in range(len(r))]
+            out.append(Comparison({}, wins, [sum(w) for w in wins], 0))
+        return out
+
+
+def scripted_proposer(script):
+    """``script(question, path) -> candidates``; records every call."""
+    calls = []
+
+    def propose(items):
+        calls.append(items)
+        return [script(q, list(path)) for q, path in items]
+
+    propose.calls = calls
+    return propose
+
+
+@pytest.fixture
+def problem():
+    return ArithmeticTask().problems("train", 10)[3]  # a problem with several steps
+
+
+def _reference_script(p, width=4):
+    """Right step ranked 3, two distractors ranked 1 and 0, a duplicate of the right one."""
+    def script(question, path):
+        k = len(path)
+        right = p.reference_steps[k] if k < len(p.reference_steps) else "Step 99: done"
+        return [f"Step {k + 1}: 2 + 2 = 5.", right, f"Step {k + 1}: 3 + 3 = 7.", right][:width]
+    return script
+
+
+def _rank_right(p):
+    steps = set(p.reference_steps)
+    return lambda c: 3 if c in steps else (1 if "2 + 2" in c else 0)
+
+
+def test_search_picks_argmax_and_argmin_and_stops_at_answer(problem):
+    task = ArithmeticTask()
+    cfg = SearchConfig(width=4, max_steps=20)
+    trace = search_chunk([problem], task, scripted_proposer(_reference_script(problem)), ScriptedJudge(_rank_right(problem)), cfg)[0]
+    assert trace["path"] == problem.reference_steps and trace["status"] == "answered" and trace["final_correct"]
+    for e in trace["events"]:
+        assert e["scores"] == [1, 2, 0, 2]
+        assert e["best"] == 1 and e["worst"] == 2 and e["kept"]  # ties broken towards the first index
+        assert e["candidate_correct"][1] is True and e["candidate_correct"][0] is False
+    pairs = build_pairs([trace], _FakeTok(), PairsConfig())
+    assert len(pairs) == len(problem.reference_steps)
+    assert all(p["chosen_correct"] and not p["rejected_correct"] and p["margin"] == 2 for p in pairs)
+    assert pair_stats([trace], pairs)["truth"]["chosen_right_and_rejected_wrong"] == 1.0
+
+
+def test_tie_rolls_back_one_step_and_drops_its_pair(problem):
+    task = ArithmeticTask()
+    attempts = {"n": 0}
+    base = _reference_script(problem)
+
+    def script(question, path):
+        if len(path) == 2 and attempts["n"] == 0:  # first visit of step 3: all candidates alike
+            attempts["n"] += 1
+            return ["Step 3: same"] * 4
+        return base(question, path)
+
+    rank = _rank_right(problem)
+    judge = ScriptedJudge(lambda c: 5 if c == "Step 3: same" else rank(c))
+    trace = search_chunk([problem], task, scripted_proposer(script), judge, SearchConfig(width=4))[0]
+    ties = [e for e in trace["events"] if e["tie"]]
+    assert len(ties) == 1 and ties[0]["step_index"] == 2 and trace["rollbacks"] == 1
+    rolled = [e for e in trace["events"] if e.get("rolled_back")]
+    assert len(rolled) == 1 and rolled[0]["step_index"] == 1  # the step before the tie was dropped ...
+    pairs = build_pairs([trace], _FakeTok())
+    assert [p["step_index"] for p in pairs] == list(range(len(problem.reference_steps)))  # ... and redone once
+    assert trace["path"] == problem.reference_steps
+
+
+def test_rollbacks_are_bounded_and_max_steps_stops(problem):
+    task = ArithmeticTask()
+    always_tied = search_chunk([problem], task, scripted_proposer(lambda q, p: ["Step 1: x"] * 3),
+                               ScriptedJudge(lambda c: 0), SearchConfig(width=3, max_rollbacks=2))[0]
+    assert always_tied["status"] == "gave_up" and always_tied["rollbacks"] == 3 and always_tied["path"] == []
+    endless = search_chunk([problem], task, scripted_proposer(lambda q, p: [f"Step {len(p) + 1}: a", "b"]),
+                           ScriptedJudge(lambda c: len(c)), SearchConfig(width=2, max_steps=5))[0]
+    assert endless["status"] == "max_steps" and len(endless["path"]) == 5
+    assert len(build_pairs([endless], _FakeTok())) == 5
+
+
+class _FakeTok:
+    """Just enough tokenizer for build_pairs: a chat template and token counts."""
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return f"<user>{messages[0]['content']}</user><assistant>\n"
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": text.split()}
+
+
+def test_pair_filters():
+    trace = {"method": "psr", "question": "q", "problem_id": "p", "events": [
+        {"kept": True, "step_index": 0, "previous_steps": [], "candidates": ["Step 1: a", "Step 1: a "],
+         "best": 0, "worst": 1, "scores": [1, 0], "candidate_correct": [None, None]},
+        {"kept": True, "step_index": 0, "previous_steps": [], "candidates": ["Step 1: a", "Step 1: b " * 50],
+         "best": 0, "worst": 1, "scores": [1, 0], "candidate_correct": [None, None]},
+        {"kept": True, "step_index": 0, "previous_steps": [], "candidates": ["Step 1: a", "Step 1: c"],
+         "best": 0, "worst": 1, "scores": [3, 2], "candidate_correct": [None, None]},
+    ]}
+    assert build_pairs([trace], _FakeTok(), PairsConfig(min_margin=1, max_step_tokens=20)) == \
+        build_pairs([trace], _FakeTok(), PairsConfig(min_margin=1, max_step_tokens=20))[:1]
+    kept = build_pairs([trace], _FakeTok(), PairsConfig(min_margin=1, max_step_tokens=20))
+    assert [p["rejected"] for p in kept] == ["Step 1: c"]  # identical and over-long pairs dropped
+    assert build_pairs([trace], _FakeTok(), PairsConfig(min_margin=2)) == []
+
+
+def test_parse_verdict():
+    assert parse_verdict(judge_reply("A", "Step A is right.")) == "A"
+    assert parse_verdict("blah [[ B ]]") == "B"
+    assert parse_verdict("I cannot decide") is None
+    assert parse_verdict("either [[A]] or [[B]] maybe") is None
+    with pytest.raises(ValueError):
+        judge_reply("C")
+
+
+def test_logits_judge_prefix_reuse_matches_plain(tiny):
+    import torch
+
+    model, tok = tiny
+    cands = ["Step 2: 10 + 11 = 21.", "Step 2: 10 - 11 = 1.", "Step 2: 10 * 11 = 110.", "Step 2: hmm"]
+    items = [("A bus carries 15 passengers. 5 get off, 11 get on. How many now?", ["Step 1: 15 - 5 = 10."], cands)]
+    reuse = StepJudge(model, tok, JudgeConfig(prefix_reuse=True, batch_size=5)).compare(items)[0]
+    plain = StepJudge(model, tok, JudgeConfig(prefix_reuse=False)).compare(items)[0]
+    assert len(reuse.order_scores) == 12  # every ordered pair: both orders of each of the 6 pairs
+    a = torch.tensor(list(reuse.order_scores.values()))
+    b = torch.tensor(list(plain.order_scores.values()))
+    assert torch.allclose(a, b, atol=2e-4)
+    summed = StepJudge(model, tok, JudgeConfig(aggregation="sum")).compare(items)[0]
+    assert all(summed.wins[i][j] + summed.wins[j][i] == 1 for i in range(4) for j in range(4) if i != j)
+
+
+def test_generate_judge_counts_unparseable_without_crashing(tiny):
+    model, tok = tiny
+    comp = StepJudge(model, tok, JudgeConfig(mode="generate", max_new_tokens=6)).compare(
+        [("What is 1 + 1?", [], ["Step 1: 1 + 1 = 2.", "Step 1: 1 + 1 = 3."])])[0]
+    assert comp.unparseable + sum(v is not None for v in comp.order_scores.values()) == 2
+    assert len(comp.replies) == 2 and sum(map(sum, comp.wins)) <= 1
+
+
+def _tiny_search_cfg(out, **kw):
+    cfg = dict(model="tiny-random", limit=4, chunk_size=2, width=3, max_steps=3, max_step_tokens=12,
+               judge={"aggregation": "sum"}, out=str(out), seed=7)
+    cfg.update(kw)
+    from psr.config import from_dict
+
+    return from_dict(SearchConfig, cfg)
+
+
+def test_search_end_to_end_on_tiny_random_and_resume(tmp_path, tiny):
+    from datasets import load_dataset
+
+    model, tok = tiny
+    cfg = _tiny_search_cfg(tmp_path / "run")
+    stats = run_search(cfg, model, tok, progress=False)
+    traces = [json.loads(l) for l in (tmp_path / "run" / "search.jsonl").open()]
+    assert [t["problem_id"] for t in traces] == [f"arith-train-7-{i:05d}" for i in range(4)]
+    for t in traces:
+        assert t["status"] in ("answered", "max_steps", "gave_up", "empty_step")
+        for e in t["events"]:
+            assert len(e["candidates"]) == 3 and len(e["judgments"]) == 6 and len(e["scores"]) == 3
+            assert all("\nStep" not in c for c in e["candidates"])
+    ds = load_dataset("json", data_files=str(tmp_path / "run" / "pairs.jsonl"), split="train")
+    assert len(ds) == stats["pairs"] > 0
+    assert {"prompt", "chosen", "rejected", "problem_id", "step_index", "margin", "round"} <= set(ds.column_names)
+    assert all(p.endswith("\n") for p in ds["prompt"])
+
+    # Resume: a lost chunk is redone with its own seed, finished chunks are not touched.
+    chunk_dir = tmp_path / "run" / "search_chunks"
+    kept_mtime = (chunk_dir / "00000.jsonl").stat().st_mtime_ns
+    first = (tmp_path / "run" / "search.jsonl").read_text()
+    (chunk_dir / "00001.jsonl").unlink()
+    run_search(cfg, model, tok, progress=False)
+    assert (chunk_dir / "00000.jsonl").stat().st_mtime_ns == kept_mtime
+    assert (tmp_path / "run" / "search.jsonl").read_text() == first
+
+
+def test_srlm_baseline_on_tiny_random(tmp_path, tiny):
+    model, tok = tiny
+    cfg = _tiny_search_cfg(tmp_path / "srlm", method="srlm", srlm={"samples": 3, "max_new_tokens": 16})
+    stats = run_search(cfg, model, tok, progress=False)
+    traces = [json.loads(l) for l in (tmp_path / "srlm" / "search.jsonl").open()]
+    assert all(len(t["samples"]) == 3 and len(t["scores"]) == 3 and all(0 <= s <= 5 for s in t["scores"]) for t in traces)
+    pairs = [json.loads(l) for l in (tmp_path / "srlm" / "pairs.jsonl").open()]
+    assert len(pairs) == stats["pairs"] and all(p["kind"] == "solution" and p["chosen_score"] > p["rejected_score"] for p in pairs)
+
+
+def test_pairs_are_accepted_by_trl_dpo_trainer(tmp_path, tiny):
+    from datasets import load_dataset
+    from trl import DPOConfig, DPOTrainer
+
+    model, tok = tiny
+    cfg = _tiny_search_cfg(tmp_path / "run", limit=2)
+    run_search(cfg, model, tok, progress=False)
+    ds = load_dataset("json", data_files=str(tmp_path / "run" / "pairs.jsonl"), split="train")
+    ds = ds.select_columns(["prompt", "chosen", "rejected"])
+    args = DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=1, per_device_train_batch_size=2, use_cpu=True,
+                     bf16=False, gradient_checkpointing=False, report_to=[], logging_steps=1, save_strategy="no")
+    import copy
+
+    trainer = DPOTrainer(model=copy.deepcopy(model), ref_model=copy.deepcopy(model), args=args, train_dataset=ds,
+                         processing_class=tok)
+    out = trainer.train()
+    assert out.global_step == 1
+
+
+def test_two_process_search_equals_single_process(tmp_path):
+    """accelerate launch with 2 CPU processes: chunks are sharded, rank 0 merges; same output as 1 process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    args = ["search", "--model", "tiny-random", "--limit", "6", "--width", "3", "--seed", "3", "--config",
+            str(tmp_path / "c.yaml")]
+    (tmp_path / "c.yaml").write_text("chunk_size: 2\nmax_steps: 2\nmax_step_tokens: 10\njudge:\n  aggregation: sum\n")
+    single = subprocess.run([sys.executable, "-m", "psr.cli", *args, "--out", str(tmp_path / "one")], env=env,
+                            capture_output=True, text=True, cwd=ROOT)
+    assert single.returncode == 0, single.stderr[-2000:]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "psr.cli"]
+    multi = subprocess.run([*launcher, *args, "--out", str(tmp_path / "two")], env=env, capture_output=True,
+                           text=True, cwd=ROOT)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    assert (tmp_path / "two" / "search_chunks" / "timing.rank1.json").exists()  # rank 1 really searched
+    assert (tmp_path / "one" / "search.jsonl").read_text() == (tmp_path / "two" / "search.jsonl").read_text()
+    assert (tmp_path / "one" / "pairs.jsonl").read_text() == (tmp_path / "two" / "pairs.jsonl").read_text()
