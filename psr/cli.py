@@ -141,6 +141,27 @@ def _training_flags(p) -> None:
     p.add_argument("--seed", type=int)
 
 
+def cmd_iterate(args) -> int:
+    from psr.rounds import run_from_args
+
+    run_from_args(args)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from psr.report import main as report_main
+
+    return report_main([args.run])
+
+
+def add_iterate_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--config", required=True, help="run YAML (see recipes/)")
+    ap.add_argument("--run", help="run folder (default runs/<name>)")
+    ap.add_argument("--restart-from", metavar="STAGE", help="redo from this stage on, e.g. psr/round_1/search")
+    ap.add_argument("--stop-after", choices=["init", "search", "train", "eval"],
+                    help="stop once the next unfinished stage of this kind is done (for make targets)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="psr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--out")
     p.set_defaults(func=cmd_judge_eval)
+
+    p = sub.add_parser("iterate", help="the whole loop: init -> rounds of search, train, eval -> report (resumable)")
+    add_iterate_arguments(p)
+    p.set_defaults(func=cmd_iterate)
+
+    p = sub.add_parser("report", help="write report.md and plots for a run folder")
+    p.add_argument("run", help="run folder, e.g. runs/demo")
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("init", help="M0 -> M1: SFT on IFT (step-formatted solutions) + EFT (step-judge) data")
     p.add_argument("--config", help="YAML file with InitConfig fields (command-line values win)")
     _training_flags(p)

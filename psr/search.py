@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from psr.answers import extract_answer
+from psr.distributed import context, device_for
 from psr.files import read_jsonl, write_jsonl_atomic
 from psr.generation import generate
 from psr.judge import JudgeConfig, StepJudge
@@ -147,28 +148,12 @@ def _trace(s: dict, task, method: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Driver: chunks, seeds, resume, sharding across accelerate processes
 # ---------------------------------------------------------------------------------------------
-def _dist():
-    """(rank, world size, barrier) from torch.distributed when accelerate started several processes."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size(), torch.distributed.barrier
-    import os
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        from accelerate import PartialState
-
-        # Without a GPU accelerate only sets up gloo when asked for the CPU explicitly.
-        state = PartialState(cpu=not torch.cuda.is_available())
-        return state.process_index, state.num_processes, state.wait_for_everyone
-    return 0, 1, lambda: None
-
-
 def run_search(cfg: SearchConfig, model=None, tokenizer=None, progress: bool = True) -> dict:
     """Search every problem, write ``out/search.jsonl`` and ``out/pairs.jsonl``; return the pair stats."""
     from psr.models import load_model
     from psr.pairs import build_pairs, pair_stats
 
-    rank, world, barrier = _dist()
+    rank, world, barrier = context()
     out = Path(cfg.out)
     chunk_dir = out / "search_chunks"
     chunk_dir.mkdir(parents=True, exist_ok=True)
@@ -180,8 +165,7 @@ def run_search(cfg: SearchConfig, model=None, tokenizer=None, progress: bool = T
 
     if mine:
         if model is None:
-            device = f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
-            model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=device)
+            model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=device_for(rank))
         judge = StepJudge(model, tokenizer, cfg.judge) if cfg.method == "psr" else None
         started = time.perf_counter()
         bar = tqdm(total=sum(len(chunks[c]) for c in mine), desc=f"{cfg.method} search (rank {rank})",

@@ -251,3 +251,30 @@ def test_two_process_search_equals_single_process(tmp_path):
     assert (tmp_path / "two" / "search_chunks" / "timing.rank1.json").exists()  # rank 1 really searched
     assert (tmp_path / "one" / "search.jsonl").read_text() == (tmp_path / "two" / "search.jsonl").read_text()
     assert (tmp_path / "one" / "pairs.jsonl").read_text() == (tmp_path / "two" / "pairs.jsonl").read_text()
+
+
+def test_judge_eval_on_builtin_and_labelled_pairs(tmp_path, capsys):
+    from psr.cli import main
+    from psr.judge_eval import heldout_step_pairs
+
+    pairs = heldout_step_pairs(ArithmeticTask(), 8)
+    task = ArithmeticTask()
+    by_id = {p.id: p for p in task.problems("test", 8)}
+    for r in pairs:  # held-out pairs: right step vs a surely wrong one, all corruption kinds
+        p = by_id[r["problem_id"]]
+        assert task.check_step(p, r["previous_steps"], r["chosen"]) is True
+        assert task.check_step(p, r["previous_steps"], r["rejected"]) is False
+    assert {r["kind"] for r in pairs} == {"wrong_result", "wrong_operation", "wrong_operand", "skipped_step"}
+
+    out = tmp_path / "j.json"
+    assert main(["judge-eval", "--model", "tiny-random", "--limit", "8", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["n"] == 8 and 0 <= r["accuracy"] <= r["per_order_accuracy"] + 0.5 and 0 <= r["position_bias_share_A"] <= 1
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text("".join(json.dumps({"question": x["question"], "previous_steps": x["previous_steps"],
+                                            "chosen": x["chosen"], "rejected": x["rejected"]}) + "\n" for x in pairs))
+    assert main(["judge-eval", "--model", "tiny-random", "--pairs", str(labelled), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["n"] == 8
+    labelled.write_text(json.dumps({"question": "q", "chosen": "a"}) + "\n")
+    assert main(["judge-eval", "--model", "tiny-random", "--pairs", str(labelled)]) == 2
+    assert "labelled.jsonl:1: missing field 'rejected'" in capsys.readouterr().err

@@ -19,6 +19,8 @@ class TaskConfig:
     min_steps: int = 2  # arithmetic difficulty knobs
     max_steps: int = 6
     max_operand: int = 20
+    question_field: str = "question"  # gsm8k/math: field names in the data (e.g. problem/solution for NuminaMath)
+    answer_field: str = "answer"
 
 
 def make_task(cfg: TaskConfig | str, data: str | None = None) -> Task:
@@ -27,7 +29,8 @@ def make_task(cfg: TaskConfig | str, data: str | None = None) -> Task:
     if cfg.name == "arithmetic":
         return ArithmeticTask(min_steps=cfg.min_steps, max_steps=cfg.max_steps, max_operand=cfg.max_operand)
     if cfg.name in ("gsm8k", "math"):
-        return JsonlMathTask(kind=cfg.name, data=cfg.data)
+        return JsonlMathTask(kind=cfg.name, data=cfg.data, question_field=cfg.question_field,
+                             answer_field=cfg.answer_field)
     raise ValueError(f"unknown task {cfg.name!r}; choose from {', '.join(TASKS)}")
 
 

@@ -1,0 +1,200 @@
+"""``psr report runs/NAME``: report.md and PNG plots of a run, from its stage artifacts alone.
+
+Plots: accuracy per round per benchmark (PSR and SRLM on the same axes), the judge's accuracy and
+order agreement per round, pairs per round and how often chosen steps are right and rejected steps
+wrong, steps per solution and mean step length (paper Table 4), DPO loss and reward-margin curves.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from psr.files import write_text_atomic  # noqa: E402
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def collect(run_dir: str | Path) -> dict:
+    """Per method, the chain of models M0, M1, M2, ... with their eval, pairs and training logs."""
+    run_dir = Path(run_dir)
+    m0, m1 = _load(run_dir / "m0" / "eval.json"), _load(run_dir / "init" / "eval.json")
+    methods = {}
+    for method in ("psr", "srlm"):
+        rounds = sorted((run_dir / method).glob("round_*"), key=lambda p: int(p.name.split("_")[1]))
+        if not rounds:
+            continue
+        chain = []
+        for d in rounds:
+            train_log = _load(d / "model" / "train_log.json")
+            chain.append({"round": int(d.name.split("_")[1]), "eval": _load(d / "eval.json"),
+                          "pairs": _load(d / "pair_stats.json"), "train_log": train_log})
+        methods[method] = chain
+    return {"m0": m0, "m1": m1, "methods": methods}
+
+
+def _points(data: dict, method: str | None):
+    """(label, eval) along the chain M0, M1, M2, ... for a method (None: just M0 and M1)."""
+    pts = [("M0", data["m0"]), ("M1", data["m1"])]
+    for r in data["methods"].get(method, []) if method else []:
+        pts.append((f"M{r['round'] + 1}", r["eval"]))
+    return [(label, e) for label, e in pts if e]
+
+
+def _benchmarks(data: dict) -> list[str]:
+    names = []
+    for _, e in _points(data, None) + [p for m in data["methods"] for p in _points(data, m)]:
+        names += [n for n in e.get("benchmarks", {}) if n not in names]
+    return names
+
+
+def _plot_lines(ax, data, value, ylabel, title):
+    methods = list(data["methods"]) or [None]
+    for method in methods:
+        for series, fn in value.items():
+            pts = [(label, fn(e)) for label, e in _points(data, method)]
+            pts = [(label, v) for label, v in pts if v is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                        label=f"{method.upper() + ' ' if method else ''}{series}",
+                        linestyle="-" if method in (None, "psr") else "--")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
+def write_plots(run_dir: Path, data: dict) -> list[str]:
+    files = []
+    bench = _benchmarks(data)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    _plot_lines(ax, data, {b: (lambda e, b=b: e.get("benchmarks", {}).get(b, {}).get("accuracy")) for b in bench},
+                "accuracy (greedy pass@1)", "Held-out accuracy per model")
+    fig.tight_layout(); fig.savefig(run_dir / "accuracy.png", dpi=120); plt.close(fig)
+    files.append("accuracy.png")
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    _plot_lines(ax, data, {"judge accuracy": lambda e: (e.get("judge") or {}).get("accuracy"),
+                           "order agreement": lambda e: (e.get("judge") or {}).get("order_agreement")},
+                "rate", "Step judge on held-out pairs")
+    fig.tight_layout(); fig.savefig(run_dir / "judge.png", dpi=120); plt.close(fig)
+    files.append("judge.png")
+
+    if data["methods"]:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+        width = 0.8 / len(data["methods"])
+        for k, (method, chain) in enumerate(data["methods"].items()):
+            rounds = [c["round"] for c in chain if c["pairs"]]
+            a1.bar([r + k * width for r in rounds], [c["pairs"]["pairs"] for c in chain if c["pairs"]], width,
+                   label=method.upper())
+            truth = [(c["round"], c["pairs"].get("truth")) for c in chain if c["pairs"] and c["pairs"].get("truth")]
+            if truth:
+                a2.plot([r for r, _ in truth], [t["chosen_right"] for _, t in truth], marker="o", label=f"{method.upper()} chosen right")
+                a2.plot([r for r, _ in truth], [t["rejected_wrong"] for _, t in truth], marker="s", linestyle="--",
+                        label=f"{method.upper()} rejected wrong")
+        a1.set_xlabel("round"); a1.set_ylabel("pairs"); a1.set_title("Preference pairs per round"); a1.legend(fontsize=8)
+        a2.set_xlabel("round"); a2.set_ylabel("rate"); a2.set_ylim(0, 1.05); a2.set_title("Pair correctness (task truth)")
+        a2.grid(alpha=0.3)
+        if a2.get_legend_handles_labels()[0]:
+            a2.legend(fontsize=8)
+        fig.tight_layout(); fig.savefig(run_dir / "pairs.png", dpi=120); plt.close(fig)
+        files.append("pairs.png")
+
+    if bench:
+        b0 = bench[0]
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+        _plot_lines(a1, data, {b0: lambda e: e.get("benchmarks", {}).get(b0, {}).get("mean_steps")}, "steps", "Steps per solution")
+        _plot_lines(a2, data, {b0: lambda e: e.get("benchmarks", {}).get(b0, {}).get("mean_step_chars")},
+                    "characters", "Mean step length")
+        fig.tight_layout(); fig.savefig(run_dir / "steps.png", dpi=120); plt.close(fig)
+        files.append("steps.png")
+
+    curves = [(m, c["round"], c["train_log"]) for m, chain in data["methods"].items() for c in chain if c["train_log"]]
+    if curves:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+        for method, r, log in curves:
+            hist = [h for h in log.get("log_history", []) if "loss" in h]
+            steps = [h.get("step", i) for i, h in enumerate(hist)]
+            a1.plot(steps, [h["loss"] for h in hist], label=f"{method.upper()} round {r}")
+            a2.plot(steps, [h.get("rewards/margins") for h in hist], label=f"{method.upper()} round {r}")
+        a1.set_title("DPO loss"); a2.set_title("Reward margin (chosen - rejected)")
+        for a in (a1, a2):
+            a.set_xlabel("step"); a.grid(alpha=0.3); a.legend(fontsize=8)
+        fig.tight_layout(); fig.savefig(run_dir / "dpo.png", dpi=120); plt.close(fig)
+        files.append("dpo.png")
+    return files
+
+
+def summary_rows(data: dict) -> list[list[str]]:
+    bench = _benchmarks(data)
+    header = ["model", "method", *bench, "judge acc", "order agree", "pairs", "chosen right", "rejected wrong"]
+    rows = [header]
+
+    def fmt(v):
+        return "—" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+    def row(label, method, e, pairs=None):
+        j = (e or {}).get("judge") or {}
+        truth = (pairs or {}).get("truth") or {}
+        return [label, method, *[fmt(((e or {}).get("benchmarks", {}).get(b) or {}).get("accuracy")) for b in bench],
+                fmt(j.get("accuracy")), fmt(j.get("order_agreement")), fmt((pairs or {}).get("pairs")),
+                fmt(truth.get("chosen_right")), fmt(truth.get("rejected_wrong"))]
+
+    rows.append(row("M0", "base", data["m0"]))
+    rows.append(row("M1", "init (SFT)", data["m1"]))
+    for method, chain in data["methods"].items():
+        for c in chain:
+            rows.append(row(f"M{c['round'] + 1}", f"{method.upper()} round {c['round']}", c["eval"], c["pairs"]))
+    return rows
+
+
+def markdown_table(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    return "\n".join(lines)
+
+
+def summary_table(run_dir: str | Path) -> str:
+    rows = summary_rows(collect(run_dir))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    data = collect(run_dir)
+    plots = write_plots(run_dir, data)
+    lines = [f"# Run report: {run_dir.name}", "",
+             "Accuracy is greedy pass@1 on held-out problems; the judge is scored on held-out right-vs-corrupted "
+             "step pairs (both orders); pairs' correctness uses the task's step truth, which never feeds the pairs.", "",
+             markdown_table(summary_rows(data)), ""]
+    for method, chain in data["methods"].items():
+        for c in chain:
+            if c["pairs"]:
+                p = c["pairs"]
+                lines.append(f"- {method.upper()} round {c['round']}: {p['pairs']} pairs from {p['problems']} problems, "
+                             f"search ended {p['status']}, judge order disagreement {p.get('order_disagreement_rate')}")
+    lines.append("")
+    lines += [f"![{p}]({p})" for p in plots]
+    return write_text_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="psr report")
+    ap.add_argument("run", help="run folder, e.g. runs/demo")
+    args = ap.parse_args(argv)
+    path = write_report(args.run)
+    print(summary_table(args.run))
+    print(f"wrote {path}")
+    return 0

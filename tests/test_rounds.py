@@ -1,0 +1,142 @@
+"""The loop: tiny recipe end to end, resume after SIGKILL, config-change refusal, report, recipes, SLURM."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from psr.config import ConfigError
+from psr.rounds import iterate, load_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "tiny.yaml"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+
+
+def _run(run_dir, *extra):
+    return subprocess.Popen([sys.executable, str(ROOT / "recipes" / "iterate.py"), "--config", str(TINY),
+                             "--run", str(run_dir), *extra], env=ENV, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _without_paths_and_timings(data):
+    if isinstance(data, dict):
+        return {k: _without_paths_and_timings(v) for k, v in data.items()
+                if k not in ("throughput", "seconds", "config", "model")}
+    return [_without_paths_and_timings(v) for v in data] if isinstance(data, list) else data
+
+
+def _artifacts(run_dir: Path) -> dict:
+    """Everything a run produced that must not depend on being interrupted (timings left out)."""
+    out = {}
+    for path in sorted(run_dir.rglob("*")):
+        rel = str(path.relative_to(run_dir))
+        if path.is_dir() or "tensorboard" in rel or rel.endswith((".done", ".png", "report.md", "train_log.json")) \
+                or "timing" in rel or "config.yaml" == rel:
+            continue
+        if path.suffix == ".json":
+            out[rel] = _without_paths_and_timings(json.loads(path.read_text()))
+        else:
+            out[rel] = path.read_bytes()
+    return out
+
+
+def test_tiny_loop_survives_sigkill_and_matches_an_uninterrupted_run(tmp_path):
+    straight = _run(tmp_path / "straight")
+    out, _ = straight.communicate(timeout=900)
+    assert straight.returncode == 0, out[-3000:]
+    assert "report: " in out and "M3" in out  # the closing table and the report's path
+
+    # Kill a second run with SIGKILL in the middle of the round-1 search, then start it again.
+    killed_dir = tmp_path / "killed"
+    proc = _run(killed_dir)
+    chunks = killed_dir / "psr" / "round_1" / "search_chunks"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (chunks.exists() and any(chunks.glob("0*.jsonl"))):
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (killed_dir / "init" / "init.done").exists() and not (killed_dir / "psr" / "round_1" / "search.done").exists()
+    resumed = _run(killed_dir)
+    out, _ = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, out[-3000:]
+    assert "stage 2/9: init/init" not in out  # finished stages were not redone
+    assert _artifacts(killed_dir) == _artifacts(tmp_path / "straight")
+
+    # The report: markdown with the table and valid PNG plots.
+    report = (killed_dir / "report.md").read_text()
+    assert "| M3 | PSR round 2 |" in report
+    import matplotlib.image as mpimg
+
+    for png in ("accuracy.png", "judge.png", "pairs.png", "steps.png", "dpo.png"):
+        assert (killed_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert mpimg.imread(killed_dir / png).shape[0] > 100
+
+    # A changed config is refused once stages are done, naming the key ...
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["train"]["beta"] = 0.5
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match=r"train\.beta"):
+        iterate(load_run_config(changed), killed_dir, progress=False)
+    # ... unless the run is told where to redo from; then only that stage and later ones are redone.
+    before = json.loads((killed_dir / "psr" / "round_1" / "train.done").read_text())
+    iterate(load_run_config(changed), killed_dir, restart_from="psr/round_2/train", progress=False)
+    assert json.loads((killed_dir / "psr" / "round_1" / "train.done").read_text()) == before
+    assert yaml.safe_load((killed_dir / "config.yaml").read_text())["train"]["beta"] == 0.5
+
+
+def test_unknown_restart_stage_and_bad_keys_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="no such stage"):
+        iterate(load_run_config(TINY), tmp_path / "r", restart_from="psr/round_9/search", progress=False)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nsearch:\n  widht: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key search.widht"):
+        load_run_config(bad)
+
+
+@pytest.mark.parametrize("recipe", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").rglob("*.yaml")))
+def test_every_recipe_validates(recipe):
+    """Run recipes (GPU ones included, which cannot run here) and per-stage recipes parse strictly."""
+    from psr.config import load_config
+    from psr.evaluate import EvalConfig
+    from psr.search import SearchConfig
+    from psr.train.sft import InitConfig
+    from psr.train.step_dpo import StepDPOConfig
+
+    stage = {"eval": EvalConfig, "init": InitConfig, "train": StepDPOConfig, "search": SearchConfig}.get(Path(recipe).stem.split("_")[0])
+    if stage and Path(recipe).parent.name != "recipes":
+        load_config(stage, ROOT / recipe)
+    else:
+        cfg = load_run_config(ROOT / recipe)
+        assert cfg.rounds >= 1 and cfg.methods
+
+
+def test_slurm_scripts_parse_and_build_the_launch_command(tmp_path):
+    for script in ("multinode.sbatch", "stage.sbatch"):
+        assert subprocess.run(["bash", "-n", str(ROOT / "recipes" / "slurm" / script)]).returncode == 0
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    # A stand-in for SLURM's scontrol, which this machine does not have: it expands the 2-node list.
+    (fake_bin / "scontrol").write_text("#!/bin/bash\nprintf 'gpu-node-01\\ngpu-node-02\\n'\n")
+    (fake_bin / "scontrol").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "PSR_DRY_RUN": "1", "SLURM_NNODES": "2",
+           "SLURM_JOB_NODELIST": "gpu-node-[01-02]"}
+    out = subprocess.run(["bash", str(ROOT / "recipes" / "slurm" / "multinode.sbatch"), "recipes/qwen2.5-math-7b/psr.yaml"],
+                         env=env, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == (
+        'srun --nodes=2 --ntasks-per-node=1 bash -c "accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml '
+        "--num_machines 2 --num_processes 16 --machine_rank $SLURM_NODEID --main_process_ip gpu-node-01 "
+        '--main_process_port 29500 --rdzv_backend c10d recipes/iterate.py --config recipes/qwen2.5-math-7b/psr.yaml "')
+    out = subprocess.run(["bash", str(ROOT / "recipes" / "slurm" / "stage.sbatch"), "recipes/demo.yaml", "search"],
+                         env=env, capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.split() == ["accelerate", "launch", "--config_file", "accelerate_configs/deepspeed_zero3.yaml",
+                                  "--num_machines", "1", "--num_processes", "8", "recipes/iterate.py", "--config",
+                                  "recipes/demo.yaml", "--stop-after", "search"]
