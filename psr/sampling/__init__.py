@@ -1,4 +1,9 @@
-"""Sampling policies: how a stage that samples turns logits into tokens."""
+"""Sampling policies: how a stage that samples turns logits into tokens.
+
+Every stage that samples has a ``sampling:`` block (``SamplingConfig``): ``policy: edt | fixed |
+greedy``, with ``t0, n, theta, top_p`` for EDT and ``temperature, top_p`` for fixed. EDT is the
+default of the data-generation stage (candidate next steps); eval's maj@k can use either.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from psr.sampling.edt import EDTLogitsProcessor
+
+__all__ = ["EDTLogitsProcessor", "SamplingConfig"]
 
 
 @dataclass
