@@ -7,7 +7,7 @@ writes a JSON file with the summary and every problem's output.
 from __future__ import annotations
 
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 from psr.answers import extract_answer, is_equivalent

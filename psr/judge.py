@@ -9,7 +9,13 @@ One prompt template (overridable from config). The judge's reply ends with the v
 
 from __future__ import annotations
 
+import copy
 import re
+from dataclasses import dataclass, field
+from itertools import permutations
+from typing import Literal
+
+import torch
 
 JUDGE_PROMPT = (
     "Below is a math problem, the steps of a solution so far, and two candidates for the next step.\n"
@@ -49,14 +55,6 @@ def parse_verdict(text: str) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # The judge itself
 # ---------------------------------------------------------------------------------------------
-import copy  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from itertools import permutations  # noqa: E402
-from typing import Literal  # noqa: E402
-
-import torch  # noqa: E402
-
-
 @dataclass
 class JudgeConfig:
     mode: Literal["logits", "generate"] = "logits"

@@ -13,7 +13,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 from psr.files import read_jsonl, write_json_atomic
-from psr.judge import JudgeConfig, StepJudge, parse_verdict
+from psr.judge import JudgeConfig, StepJudge
 from psr.tasks import TaskConfig, make_task
 from psr.tasks.arithmetic import CORRUPTIONS
 from psr.tasks.jsonl import DataError

@@ -140,3 +140,18 @@ def test_slurm_scripts_parse_and_build_the_launch_command(tmp_path):
     assert out.stdout.split() == ["accelerate", "launch", "--config_file", "accelerate_configs/deepspeed_zero3.yaml",
                                   "--num_machines", "1", "--num_processes", "8", "recipes/iterate.py", "--config",
                                   "recipes/demo.yaml", "--stop-after", "search"]
+
+
+def test_srlm_rounds_and_test_time_search_through_the_loop(tmp_path):
+    data = yaml.safe_load(TINY.read_text())
+    data.update(methods=["srlm"], rounds=1, eval_m0=False)
+    data["search"]["srlm"] = {"samples": 3, "max_new_tokens": 12}
+    recipe = tmp_path / "srlm.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    run = iterate(load_run_config(recipe), tmp_path / "run", progress=False)
+    pairs = [json.loads(l) for l in (run / "srlm" / "round_1" / "pairs.jsonl").open()]
+    assert all(p["kind"] == "solution" and p["method"] == "srlm" for p in pairs)
+    summary = json.loads((run / "srlm" / "round_1" / "eval.json").read_text())
+    assert 0.0 <= summary["benchmarks"]["arithmetic"]["test_time_search_accuracy"] <= 1.0
+    assert (run / "srlm" / "round_1" / "tts_arithmetic" / "search.jsonl").exists()
+    assert "| M2 | SRLM round 1 |" in (run / "report.md").read_text()
