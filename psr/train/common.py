@@ -1,0 +1,269 @@
+"""What both trainers share: the common config fields, device/precision and LoRA settings, the
+TensorBoard + JSON training log, and the atomic save of the final model.
+
+A trained model is written to ``<out>/../.<name>.partial`` and renamed to ``<out>`` only when it is
+complete (weights, tokenizer, ``train_log.json``), so a killed run never leaves a half-written
+model directory. Every rank takes part in saving (DeepSpeed ZeRO-3 gathers the weights); only the
+main process writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import TrainerCallback
+
+from psr.files import write_json_atomic
+
+
+@dataclass
+class TrainSettings:
+    """Fields every training stage has (``psr init`` and ``psr train``)."""
+
+    model: str = "smollm2-135m"  # the starting model: built-in name, local directory or hub id
+    out: str = "runs/model"  # the model directory this stage writes (psr eval --model <out> loads it)
+    learning_rate: float = 1e-5
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 4  # per device (per process)
+    gradient_accumulation_steps: int = 1
+    max_length: int | None = 1024  # tokens of prompt + completion; longer rows are truncated at the end
+    warmup_ratio: float = 0.0
+    lr_scheduler_type: str = "linear"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    # LoRA (PEFT). Off = full fine-tuning.
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: str | list[str] = "all-linear"
+    save_adapter: bool = False  # LoRA: keep the adapter (PEFT directory) instead of merging it into the weights
+    gradient_checkpointing: bool = False  # saves memory, costs ~30% more compute
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    seed: int = 0
+    logging_steps: int = 1
+    logging_dir: str | None = None  # TensorBoard; default <out's folder>/tensorboard/<out's name>
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    progress: bool = True  # the progress bar
+
+    def __post_init__(self):
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError("batch_size and gradient_accumulation_steps must be >= 1")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ValueError("set epochs > 0 or max_steps > 0")
+        if self.save_adapter and not self.lora:
+            raise ValueError("save_adapter: true needs lora: true")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_length is not None and self.max_length < 8:
+            raise ValueError(f"max_length must be >= 8 (or null), got {self.max_length}")
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def on_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def model_dtype(cfg: TrainSettings) -> torch.dtype:
+    """float32 on CPU (bf16 learns much more slowly there, DESIGN.md §5), bfloat16 on CUDA."""
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if on_cuda() else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def partial_dir(out: str | Path) -> Path:
+    out = Path(out)
+    return out.parent / f".{out.name}.partial"
+
+
+def trainer_kwargs(cfg: TrainSettings) -> dict:
+    """TrainingArguments fields shared by SFTConfig and DPOConfig."""
+    cuda = on_cuda()
+    kwargs = dict(
+        output_dir=str(partial_dir(cfg.out)),
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        warmup_steps=float(cfg.warmup_ratio),  # transformers 5: a float < 1 is a ratio of the steps
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        gradient_checkpointing=None,  # deprecated alias in transformers 5
+        activation_checkpointing=cfg.gradient_checkpointing,
+        seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="no",
+        report_to=[r for r in cfg.report_to if r != "tensorboard"] or "none",  # TensorBoard: our callback, own dir
+        disable_tqdm=not cfg.progress,
+        bf16=cuda and model_dtype(cfg) == torch.bfloat16,
+        use_cpu=not cuda,
+        dataloader_num_workers=0,
+    )
+    if world_size() > 1:  # only when launched on several processes (DESIGN.md §5)
+        kwargs["ddp_backend"] = "nccl" if cuda else "gloo"
+        kwargs["ddp_find_unused_parameters"] = False
+    return kwargs
+
+
+def lora_config(cfg: TrainSettings):
+    if not cfg.lora:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
+
+
+def load_for_training(name: str, cfg: TrainSettings):
+    """(model, tokenizer) on the CPU in the training dtype; the Trainer moves it to its device."""
+    from psr.models import load_model
+
+    model, tok = load_model(name, dtype=model_dtype(cfg), device="cpu")
+    model.train()
+    return model, tok
+
+
+def tensorboard_dir(cfg: TrainSettings) -> Path:
+    out = Path(cfg.out)
+    return Path(cfg.logging_dir) if cfg.logging_dir else out.parent / "tensorboard" / out.name
+
+
+def tensorboard_callbacks(cfg: TrainSettings) -> list:
+    if "tensorboard" not in cfg.report_to:
+        return []
+    from transformers.integrations import TensorBoardCallback
+
+    cb = TensorBoardCallback()
+    cb.logging_dir = str(tensorboard_dir(cfg))  # transformers 5 has no logging_dir argument any more
+    return [cb]
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of every optimizer step (what the benchmark and ``train_log.json`` report)."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+        self._t = None
+        self.started = time.perf_counter()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._t is not None:
+            self.seconds.append(time.perf_counter() - self._t)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def step_stats(seconds: list[float]) -> dict:
+    """Median seconds per optimizer step, leaving out the first (warm-up) step when there are more."""
+    rest = sorted(seconds[1:] if len(seconds) > 1 else seconds)
+    if not rest:
+        return {"steps": 0}
+    mid = len(rest) // 2
+    median = rest[mid] if len(rest) % 2 else (rest[mid - 1] + rest[mid]) / 2
+    return {"steps": len(seconds), "median_s_per_step": round(median, 4),
+            "mean_s_per_step": round(sum(rest) / len(rest), 4), "first_step_s": round(seconds[0], 4)}
+
+
+def train_log(cfg: TrainSettings, trainer, timer: StepTimer, extra: dict | None = None) -> dict:
+    """The JSON a report plots later: the config, every logged step (loss, rewards/margins, ...), timing, memory."""
+    history = [dict(h) for h in trainer.state.log_history]
+    final = next((h for h in reversed(history) if "loss" in h), {})
+    return {
+        "config": asdict(cfg),
+        "world_size": world_size(),
+        "device": str(trainer.args.device),
+        "timing": {**step_stats(timer.seconds), "total_s": round(time.perf_counter() - timer.started, 2),
+                   "step_seconds": [round(s, 4) for s in timer.seconds]},
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "final": {k: v for k, v in final.items() if isinstance(v, (int, float))},
+        "log_history": history,
+        **(extra or {}),
+    }
+
+
+def save_final(trainer, cfg: TrainSettings, tokenizer, log: dict, extra_files: dict[str, list[dict]] | None = None) -> Path:
+    """Save the trained model (LoRA merged unless ``save_adapter``) with its tokenizer and
+    ``train_log.json`` into a hidden partial directory, then rename it to ``cfg.out``."""
+    out = Path(cfg.out)
+    tmp = partial_dir(out)
+    acc = trainer.accelerator
+    main = acc.is_main_process
+    if cfg.lora and not cfg.save_adapter:
+        adapter = tmp / "_adapter"
+        trainer.save_model(str(adapter))  # every rank: DeepSpeed ZeRO-3 gathers here
+        if main:
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM
+
+            from psr.models import resolve_model_path
+
+            base = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model), dtype=model_dtype(cfg))
+            merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+            merged.generation_config.pad_token_id = tokenizer.pad_token_id
+            merged.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+            shutil.rmtree(adapter)
+    else:
+        trainer.save_model(str(tmp))
+        if main:
+            tokenizer.save_pretrained(str(tmp))
+    if main:
+        for junk in ("training_args.bin",):
+            (tmp / junk).unlink(missing_ok=True)
+        for name, rows in (extra_files or {}).items():
+            (tmp / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        write_json_atomic(tmp / "train_log.json", log)
+        if out.exists():  # replace an older model only once the new one is complete
+            old = out.parent / f".{out.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    acc.wait_for_everyone()
+    return out
+
+
+def stage_callbacks(cfg: TrainSettings, callbacks: list | None = None) -> tuple[StepTimer, list]:
+    """The step timer, TensorBoard (when configured) and the caller's callbacks."""
+    timer = StepTimer()
+    return timer, [timer, *tensorboard_callbacks(cfg), *(callbacks or [])]
+
+
+def train_and_save(cfg: TrainSettings, trainer, extra: dict | None = None, extra_files: dict | None = None) -> dict:
+    """Train, then save the model atomically with its ``train_log.json``; returns the log."""
+    trainer.train()
+    result = train_log(cfg, trainer, trainer.psr_timer, extra)
+    save_final(trainer, cfg, trainer.processing_class, result, extra_files)
+    return result
+
+
+def prepare_output(cfg: TrainSettings) -> None:
+    """Remove a stale partial directory left by a killed run (main process only)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        shutil.rmtree(partial_dir(cfg.out), ignore_errors=True)
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)

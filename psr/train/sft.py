@@ -1,0 +1,265 @@
+"""Initialisation M0 -> M1 (``psr init``): SFT on IFT + EFT data with TRL's SFTTrainer.
+
+- **IFT** (instruction fine-tuning): prompt = the rendered question (chat template, assistant turn
+  open), completion = the step-formatted solution (``Step 1: ...`` lines, answer in ``\\boxed{}``);
+  TRL appends EOS, which is right here: the solution ends the answer.
+- **EFT** (evaluation fine-tuning): prompt = the judge prompt (``psr.judge.judge_messages``: question,
+  steps so far, candidates A and B) with the assistant turn open; completion =
+  ``psr.judge.judge_reply(verdict, justification)``, i.e. ``Verdict: [[A]]`` (optionally after a
+  short justification). Correct-first and correct-second examples are exactly balanced.
+
+From the built-in arithmetic task both are generated with exact truth (reference step vs a
+corrupted step: wrong result / operation / operand, skipped step). From files:
+
+- IFT JSONL, one object per line, any of: ``{"question", "answer"}`` (GSM8K style, gold after
+  ``####``; each line of the reasoning becomes a step), ``{"question", "steps": [...]}``, or
+  ``{"prompt", "completion"}`` (raw text, used as is: render the prompt yourself).
+- EFT JSONL: ``{"question", "previous_steps": [...], "step_a", "step_b", "verdict": "A"|"B"}`` and
+  optionally ``"justification"``.
+
+The loss covers completion tokens only (TRL's ``completion_only_loss``).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Literal
+
+from psr.judge import judge_messages, judge_reply
+from psr.steps import STEP_MARKER_RE, format_solution, render_prompt, step_prefix
+from psr.tasks import DataError, TaskConfig, make_task
+from psr.tasks.arithmetic import CORRUPTIONS, EQUATION_RE, ArithmeticTask
+from psr.tasks.jsonl import _read_rows, gsm8k_reference_steps
+from psr.train.common import TrainSettings, load_for_training, lora_config, prepare_output, stage_callbacks, train_and_save, trainer_kwargs
+
+WHY_WRONG = {
+    "wrong_result": "its arithmetic is wrong",
+    "wrong_operation": "it applies the wrong operation",
+    "wrong_operand": "it uses a number that is not in the problem at this point",
+    "skipped_step": "it skips a step of the problem",
+}
+
+
+@dataclass
+class InitConfig(TrainSettings):
+    """``psr init``: M0 -> M1. Paper (7B): 3 epochs, lr 1e-6, batch 32, full fine-tuning."""
+
+    task: TaskConfig = field(default_factory=TaskConfig)
+    ift_examples: int | None = 400  # built-in task: how many to generate; files: a limit (null = all rows)
+    eft_examples: int | None = 400
+    ift_data: str | None = None  # JSONL (or hub id for GSM8K-style rows) instead of the task's own solutions
+    eft_data: str | None = None  # JSONL of judge examples instead of generated ones
+    eft_justification: bool = False  # off: the reply is just "Verdict: [[X]]" (what logits-mode judging reads)
+    eft_both_orders: bool = False  # each generated pair twice, (good, bad) and (bad, good)
+    corruptions: list[str] = field(default_factory=lambda: list(CORRUPTIONS))
+    # mixed: IFT and EFT rows shuffled together. grouped: every batch is all IFT or all EFT, and an EFT
+    # pair's two orders share a batch, so a pure position bias gets no net gradient (batch order shuffled).
+    batching: Literal["mixed", "grouped"] = "mixed"
+    data_seed: int = 0
+    learning_rate: float = 1e-5
+    epochs: float = 3.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        bad = [c for c in self.corruptions if c not in CORRUPTIONS]
+        if bad or not self.corruptions:
+            raise ValueError(f"corruptions: choose from {list(CORRUPTIONS)}, got {self.corruptions}")
+        if self.batching == "grouped" and self.eft_both_orders and self.batch_size % 2:
+            raise ValueError("batching: grouped with eft_both_orders needs an even batch_size (both orders in one batch)")
+        for name in ("ift_examples", "eft_examples"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (or null)")
+
+
+# ---- IFT --------------------------------------------------------------------------------------
+def _numbered(steps: list[str]) -> list[str]:
+    return [s.strip() if STEP_MARKER_RE.match(s.strip()) else step_prefix(i + 1) + s.strip() for i, s in enumerate(steps)]
+
+
+def read_ift_file(path: str, tokenizer, limit: int | None = None) -> list[dict]:
+    rows = []
+    for lineno, row in _read_rows(path):
+        where = f"{path}:{lineno}"
+        if "prompt" in row or "completion" in row:
+            for fld in ("prompt", "completion"):
+                if not isinstance(row.get(fld), str) or not row[fld].strip():
+                    raise DataError(f"{where}: missing or empty field '{fld}' (prompt/completion rows need both)")
+            rows.append({"prompt": row["prompt"], "completion": row["completion"], "source": "file"})
+        else:
+            if not isinstance(row.get("question"), str) or not row["question"].strip():
+                raise DataError(f"{where}: missing or empty field 'question' (IFT rows: question + answer, "
+                                "question + steps, or prompt + completion)")
+            if "steps" in row:
+                if not isinstance(row["steps"], list) or not row["steps"] or not all(isinstance(s, str) and s.strip() for s in row["steps"]):
+                    raise DataError(f"{where}: field 'steps' must be a non-empty list of strings")
+                steps = _numbered(row["steps"])
+            elif isinstance(row.get("answer"), str) and row["answer"].strip():
+                if "####" not in row["answer"]:
+                    raise DataError(f"{where}: field 'answer' has no '#### <answer>' line (GSM8K style) to take the gold from")
+                steps = gsm8k_reference_steps(row["answer"])
+            else:
+                raise DataError(f"{where}: missing or empty field 'answer' (or 'steps')")
+            rows.append({"prompt": render_prompt(tokenizer, row["question"].strip()), "completion": format_solution(steps),
+                         "source": "file"})
+        if limit is not None and len(rows) >= limit:
+            break
+    return rows
+
+
+def build_ift(cfg: InitConfig, tokenizer) -> list[dict]:
+    """IFT rows ``{"prompt", "completion", ...}`` from ``cfg.ift_data`` or the task's reference solutions."""
+    if cfg.ift_data:
+        return read_ift_file(cfg.ift_data, tokenizer, cfg.ift_examples)
+    n = cfg.ift_examples
+    if n == 0:
+        return []
+    task = make_task(cfg.task)
+    problems = task.problems("train", n, seed=cfg.data_seed)
+    rows = []
+    for p in problems:
+        if not p.reference_steps:
+            raise DataError(f"task {cfg.task.name} has no step-formatted reference solutions: give ift_data "
+                            "(question/answer, question/steps or prompt/completion rows)")
+        rows.append({"prompt": render_prompt(tokenizer, p.question), "completion": format_solution(p.reference_steps),
+                     "problem_id": p.id, "source": cfg.task.name})
+    return rows
+
+
+# ---- EFT --------------------------------------------------------------------------------------
+def justification(good_pos: str, good: str, kind: str | None) -> str:
+    bad_pos = "B" if good_pos == "A" else "A"
+    eq = EQUATION_RE.findall(good.replace(",", ""))
+    why_good = f"it computes {eq[-1][0]} {eq[-1][1]} {eq[-1][2]} = {eq[-1][3]} correctly" if eq else "it is correct"
+    why_bad = WHY_WRONG.get(kind or "", "it is wrong")
+    return f"Candidate {good_pos} is right: {why_good}. Candidate {bad_pos} is wrong: {why_bad}."
+
+
+def eft_example(tokenizer, question: str, previous: list[str], step_a: str, step_b: str, verdict: str,
+                why: str | None = None, with_justification: bool = False, **meta) -> dict:
+    prompt = tokenizer.apply_chat_template(judge_messages(question, previous, step_a, step_b),
+                                           add_generation_prompt=True, tokenize=False)
+    return {"prompt": prompt, "completion": judge_reply(verdict, why if with_justification else None),
+            "question": question, "previous_steps": list(previous), "step_a": step_a, "step_b": step_b,
+            "verdict": verdict, **meta}
+
+
+def generate_eft(task: ArithmeticTask, tokenizer, n: int, seed: int = 0, corruptions=CORRUPTIONS,
+                 both_orders: bool = False, with_justification: bool = False, split: str = "train") -> list[dict]:
+    """``n`` judge examples with exact truth: at a random step k of a problem, its reference step
+    against a corrupted one, the right one shown first in exactly half of them."""
+    n_pairs = (n + 1) // 2 if both_orders else n
+    problems = task.problems(split, n_pairs, seed=seed + 1)
+    rng = random.Random(f"eft-{split}-{seed}")
+    firsts = [i < (n_pairs + 1) // 2 for i in range(n_pairs)]  # the right step as A in half the pairs
+    rng.shuffle(firsts)
+    rows = []
+    for p, good_first in zip(problems, firsts):
+        k = rng.randrange(len(p.reference_steps))
+        previous, good = p.reference_steps[:k], p.reference_steps[k]
+        for _ in range(20):
+            kind = rng.choice(list(corruptions))
+            bad = task.corrupt_step(p, k, kind, rng)
+            if bad.strip() != good.strip() and task.check_step(p, previous, bad) is False:
+                break
+        else:
+            raise RuntimeError(f"could not corrupt step {k} of {p.id}")
+        orders = [True, False] if both_orders else [good_first]
+        for first in orders:
+            a, b, verdict = (good, bad, "A") if first else (bad, good, "B")
+            rows.append(eft_example(tokenizer, p.question, previous, a, b, verdict, justification(verdict, good, kind),
+                                    with_justification, problem_id=p.id, step_index=k, corruption=kind, source="arithmetic"))
+    return rows[:n]
+
+
+def read_eft_file(path: str, tokenizer, limit: int | None = None, with_justification: bool = False) -> list[dict]:
+    rows = []
+    for lineno, row in _read_rows(path):
+        where = f"{path}:{lineno}"
+        for fld in ("question", "step_a", "step_b"):
+            if not isinstance(row.get(fld), str) or not row[fld].strip():
+                raise DataError(f"{where}: missing or empty field '{fld}' (EFT rows: question, previous_steps, step_a, step_b, verdict)")
+        prev = row.get("previous_steps", [])
+        if not isinstance(prev, list) or not all(isinstance(s, str) for s in prev):
+            raise DataError(f"{where}: field 'previous_steps' must be a list of strings")
+        if row.get("verdict") not in ("A", "B"):
+            raise DataError(f"{where}: field 'verdict' must be \"A\" or \"B\", got {row.get('verdict')!r}")
+        why = row.get("justification")
+        if why is not None and not isinstance(why, str):
+            raise DataError(f"{where}: field 'justification' must be a string")
+        if with_justification and not (why or "").strip():
+            raise DataError(f"{where}: missing field 'justification' (eft_justification is on)")
+        rows.append(eft_example(tokenizer, row["question"], prev, row["step_a"], row["step_b"], row["verdict"], why,
+                                with_justification, source="file"))
+        if limit is not None and len(rows) >= limit:
+            break
+    return rows
+
+
+def build_eft(cfg: InitConfig, tokenizer) -> list[dict]:
+    """EFT rows from ``cfg.eft_data`` or generated from the built-in task."""
+    if cfg.eft_data:
+        return read_eft_file(cfg.eft_data, tokenizer, cfg.eft_examples, cfg.eft_justification)
+    n = 400 if cfg.eft_examples is None else cfg.eft_examples
+    if n == 0:
+        return []
+    task = make_task(cfg.task)
+    if not isinstance(task, ArithmeticTask):
+        raise DataError(f"EFT data for task {cfg.task.name} needs eft_data (a JSONL of judge examples): only the "
+                        "built-in arithmetic task knows which steps are right; or set eft_examples: 0")
+    return generate_eft(task, tokenizer, n, cfg.data_seed, cfg.corruptions, cfg.eft_both_orders, cfg.eft_justification)
+
+
+# ---- training ---------------------------------------------------------------------------------
+def order_rows(cfg: InitConfig, ift: list[dict], eft: list[dict]) -> list[dict]:
+    """Training order. ``mixed``: one shuffled list (the trainer shuffles again). ``grouped``: rows cut
+    into batches of one kind, in generation order (an EFT pair's two orders are adjacent), then the
+    batches shuffled; the trainer keeps this order (sequential sampler), and each process of a
+    data-parallel run takes whole batches."""
+    rng = random.Random(cfg.data_seed)
+    if cfg.batching == "mixed":
+        rows = ift + eft
+        rng.shuffle(rows)
+        return rows
+    ift = ift[:]
+    rng.shuffle(ift)
+    b = cfg.batch_size
+    full = [rows[i:i + b] for rows in (ift, eft) for i in range(0, len(rows) - len(rows) % b, b)]
+    rng.shuffle(full)
+    tail = eft[len(eft) - len(eft) % b:] + ift[len(ift) - len(ift) % b:]  # partial batches last: the rest stay aligned
+    return [r for batch in full for r in batch] + tail
+
+
+def sft_args(cfg: InitConfig):
+    from trl import SFTConfig
+
+    extra = {"train_sampling_strategy": "sequential"} if cfg.batching == "grouped" else {}
+    return SFTConfig(**trainer_kwargs(cfg), max_length=cfg.max_length, completion_only_loss=True, packing=False, **extra)
+
+
+def build_trainer(cfg: InitConfig, callbacks: list | None = None):
+    """The configured SFTTrainer plus the IFT and EFT rows it trains on."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    args = sft_args(cfg)  # before the model: DeepSpeed ZeRO-3 must see the config first
+    model, tok = load_for_training(cfg.model, cfg)
+    ift, eft = build_ift(cfg, tok), build_eft(cfg, tok)
+    if not ift and not eft:
+        raise DataError("no training data: ift_examples and eft_examples are both 0")
+    rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in order_rows(cfg, ift, eft)]
+    timer, callbacks = stage_callbacks(cfg, callbacks)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                         peft_config=lora_config(cfg), callbacks=callbacks)
+    trainer.psr_timer, trainer.psr_data = timer, {"ift": ift, "eft": eft}
+    return trainer
+
+
+def run_init(cfg: InitConfig, callbacks: list | None = None) -> dict:
+    """Build the IFT + EFT sets, train, save M1 to ``cfg.out`` (atomically, with ``ift.jsonl``,
+    ``eft.jsonl`` and ``train_log.json`` beside the weights); returns the training log."""
+    prepare_output(cfg)
+    trainer = build_trainer(cfg, callbacks)
+    data = trainer.psr_data
+    return train_and_save(cfg, trainer, {"examples": {"ift": len(data["ift"]), "eft": len(data["eft"])}},
+                          extra_files={"ift.jsonl": data["ift"], "eft.jsonl": data["eft"]})

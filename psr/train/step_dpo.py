@@ -1,0 +1,219 @@
+"""Step-wise DPO (``psr train``): TRL's DPOTrainer on a round's ``pairs.jsonl``.
+
+Each row's ``prompt`` is already rendered text (chat template with the assistant turn open, then
+the previous steps, each ending in a newline); ``chosen``/``rejected`` are single steps. The loss is
+standard DPO with log-probs summed over the step tokens only, and **no EOS after a step**: a step
+is not the end of an answer. TRL 1.16's ``DPOTrainer._prepare_dataset`` appends EOS to every
+plain-text completion with no option to turn it off, so :class:`StepDPOTrainer` overrides that one
+method (tokenisation only; the loss, collator, reference handling and logging are TRL's).
+Rows with ``kind: solution`` (whole solutions, the outcome-based SRLM baseline) do get EOS.
+
+By default the file's ``prompt`` is used as written; ``prompt_from: render`` re-renders it from
+``question`` + ``previous_steps`` with the training model's tokenizer (for pairs made by another
+model family).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from datasets import Dataset
+from trl import DPOConfig, DPOTrainer
+
+from psr.tasks import DataError
+from psr.tasks.jsonl import _read_rows
+from psr.train.common import TrainSettings, load_for_training, lora_config, prepare_output, stage_callbacks, train_and_save, trainer_kwargs
+
+log = logging.getLogger(__name__)
+
+REQUIRED = ("prompt", "chosen", "rejected")
+
+
+@dataclass
+class StepDPOConfig(TrainSettings):
+    """``psr train``: one round of step-wise DPO. Paper: full fine-tuning, 1 epoch, lr 5e-7, batch 32;
+    Step-DPO used beta 0.4-0.5."""
+
+    pairs: str = "pairs.jsonl"  # the round's pairs file
+    ref_model: str | None = None  # the reference policy; default: the starting model (``model``)
+    beta: float = 0.4
+    learning_rate: float = 1e-6
+    epochs: float = 1.0
+    max_length: int | None = 1024  # prompt + step tokens
+    max_prompt_length: int | None = None  # drop (and count) pairs whose prompt is longer
+    precompute_ref_log_probs: bool = False  # run the reference once over the pairs, then drop it
+    prompt_from: Literal["file", "render"] = "file"  # render: question + previous_steps with this tokenizer
+    loss_type: str = "sigmoid"  # TRL's DPO loss (sigmoid = standard DPO)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+
+
+# ---- pairs -----------------------------------------------------------------------------------
+def load_pairs(path: str | Path, need: tuple[str, ...] = REQUIRED) -> list[dict]:
+    """Read and check a pairs file; a problem raises :class:`DataError` naming file, line and field."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"pairs file {path} does not exist")
+    if path.is_dir():
+        raise DataError(f"pairs file {path} is a directory (expected a JSONL file)")
+    if not path.read_text().strip():
+        raise DataError(f"{path}: no pairs (the file is empty)")
+    rows = []
+    for lineno, row in _read_rows(str(path)):
+        for fld in need:
+            if fld not in row:
+                raise DataError(f"{path}:{lineno}: missing field '{fld}' (a pair needs {', '.join(need)})")
+            if fld == "previous_steps":
+                if not isinstance(row[fld], list) or not all(isinstance(s, str) for s in row[fld]):
+                    raise DataError(f"{path}:{lineno}: field 'previous_steps' must be a list of strings")
+            elif not isinstance(row[fld], str):
+                raise DataError(f"{path}:{lineno}: field '{fld}' must be a string, got {type(row[fld]).__name__}")
+            elif fld in ("chosen", "rejected", "question") and not row[fld].strip():
+                raise DataError(f"{path}:{lineno}: field '{fld}' is empty")
+        row["_line"] = lineno
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no pairs (the file is empty)")
+    return rows
+
+
+def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, eos: bool = False) -> dict:
+    """Token ids of the prompt and of each step as they follow the prompt; no special tokens added,
+    no EOS unless ``eos`` (whole-solution rows). When the prompt's last tokens merge with a step's
+    first (a prompt not ending on a token boundary), the completion starts where they diverge, as in TRL."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full = {k: tokenizer(prompt + text, add_special_tokens=False)["input_ids"] for k, text in (("chosen", chosen), ("rejected", rejected))}
+    n = len(prompt_ids)
+    for ids in full.values():
+        n = min(n, next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(prompt_ids), len(ids))))
+    out = {"prompt_ids": prompt_ids[:n], "merged": n < len(prompt_ids)}
+    for k, ids in full.items():
+        out[f"{k}_ids"] = ids[n:] + ([tokenizer.eos_token_id] if eos else [])
+    return out
+
+
+class StepDPOTrainer(DPOTrainer):
+    """DPOTrainer for rendered-text rows: tokenises them itself so that no EOS follows a step.
+    Everything else (collator, loss, reference, metrics, distributed setup) is TRL's."""
+
+    def __init__(self, *args, max_prompt_length: int | None = None, **kwargs):
+        self.psr_max_prompt_length = max_prompt_length  # read by _prepare_dataset, which __init__ calls
+        self.psr_dropped = 0
+        super().__init__(*args, **kwargs)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        tok = self._tokenizer
+        rows, merged, too_long = [], 0, 0
+        for row in dataset:
+            t = tokenize_pair(tok, row["prompt"], row["chosen"], row["rejected"], eos=row.get("kind") == "solution")
+            merged += t.pop("merged")
+            if (self.psr_max_prompt_length is not None and len(t["prompt_ids"]) > self.psr_max_prompt_length) or (
+                    args.max_length is not None and len(t["prompt_ids"]) >= args.max_length):
+                too_long += 1  # the step would be truncated away: no learning signal
+                continue
+            rows.append(t)
+        if merged:
+            log.warning("%d of %d %s pairs: the prompt's last token merges with the step's first; end the prompt "
+                        "on a token boundary (a newline before 'Step n:')", merged, len(dataset), dataset_name)
+        if too_long:
+            log.warning("dropped %d of %d %s pairs whose prompt is too long", too_long, len(dataset), dataset_name)
+        if not rows:
+            raise DataError(f"no {dataset_name} pairs left after dropping prompts longer than the max length")
+        self.psr_dropped += too_long
+        return Dataset.from_list(rows)
+
+
+def oracle_pairs(tokenizer, n: int, seed: int = 0, split: str = "train", task=None) -> list[dict]:
+    """``n`` pairs.jsonl rows made from the built-in task's truth (chosen = the reference step,
+    rejected = a corruption of it, at a random step): for tests, benchmarks and an oracle baseline."""
+    import random
+
+    from psr.steps import render_prompt
+    from psr.tasks.arithmetic import CORRUPTIONS, ArithmeticTask
+
+    task = task or ArithmeticTask()
+    rng = random.Random(f"oracle-{split}-{seed}")
+    rows = []
+    for p in task.problems(split, n, seed=seed):
+        k = rng.randrange(len(p.reference_steps))
+        previous, good = p.reference_steps[:k], p.reference_steps[k]
+        bad = task.corrupt_step(p, k, rng.choice(CORRUPTIONS), rng)
+        rows.append({"prompt": render_prompt(tokenizer, p.question, previous), "chosen": good, "rejected": bad,
+                     "problem_id": p.id, "step_index": k, "question": p.question, "previous_steps": previous,
+                     "chosen_score": 1, "rejected_score": 0, "margin": 1, "round": 0,
+                     "chosen_correct": True, "rejected_correct": task.check_step(p, previous, bad)})
+    return rows
+
+
+# ---- training --------------------------------------------------------------------------------
+def dpo_args(cfg: StepDPOConfig) -> DPOConfig:
+    return DPOConfig(**trainer_kwargs(cfg), beta=cfg.beta, max_length=cfg.max_length,
+                     precompute_ref_log_probs=cfg.precompute_ref_log_probs, loss_type=[cfg.loss_type])
+
+
+def build_trainer(cfg: StepDPOConfig, callbacks: list | None = None, trainer_class: type = StepDPOTrainer):
+    """The configured trainer, ready for ``.train()`` (tests and benchmarks use it directly;
+    ``trainer_class=DPOTrainer`` gives plain TRL on the same rows, EOS appended)."""
+    need = REQUIRED + (("question", "previous_steps") if cfg.prompt_from == "render" else ())
+    rows = load_pairs(cfg.pairs, need)
+    args = dpo_args(cfg)  # before the models: DeepSpeed ZeRO-3 must see the config first
+    model, tok = load_for_training(cfg.model, cfg)
+    if cfg.prompt_from == "render":
+        from psr.steps import render_prompt
+
+        for r in rows:
+            r["prompt"] = render_prompt(tok, r["question"], r["previous_steps"])
+    ref = None
+    if cfg.ref_model is not None and cfg.ref_model != cfg.model:
+        ref, _ = load_for_training(cfg.ref_model, cfg)
+        ref.eval()
+    elif not cfg.lora and not cfg.precompute_ref_log_probs:
+        ref, _ = load_for_training(cfg.model, cfg)  # a frozen copy of the starting model
+        ref.eval()
+    # With LoRA the reference is the starting model with the adapter disabled (no copy); with
+    # precompute_ref_log_probs the starting model scores the pairs once before training.
+    data = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
+                               "kind": r.get("kind", "step")} for r in rows])
+    timer, callbacks = stage_callbacks(cfg, callbacks)
+    extra = {"max_prompt_length": cfg.max_prompt_length} if issubclass(trainer_class, StepDPOTrainer) else {}
+    trainer = trainer_class(model=model, ref_model=ref, args=args, train_dataset=data, processing_class=tok,
+                            peft_config=lora_config(cfg), callbacks=callbacks, **extra)
+    trainer.psr_timer = timer
+    trainer.psr_n_pairs = len(rows)
+    return trainer
+
+
+def run_train(cfg: StepDPOConfig, callbacks: list | None = None) -> dict:
+    """Train one round and save the model to ``cfg.out`` (atomically); returns the training log."""
+    prepare_output(cfg)
+    trainer = build_trainer(cfg, callbacks)
+    return train_and_save(cfg, trainer, {"pairs": trainer.psr_n_pairs, "pairs_dropped": trainer.psr_dropped})
+
+
+def step_logps(model, tokenizer, rows: list[dict], batch_size: int = 8) -> tuple[list[float], list[float]]:
+    """Summed log-probs of each row's chosen and rejected step given its prompt (step tokens only,
+    no EOS), as the DPO loss sees them: for checking that training widens the margin."""
+    import torch
+
+    out = {"chosen": [], "rejected": []}
+    model.eval()
+    with torch.no_grad():
+        for s in range(0, len(rows), batch_size):
+            batch = [tokenize_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"]) for r in rows[s : s + batch_size]]
+            for key in out:
+                seqs = [b["prompt_ids"] + b[f"{key}_ids"] for b in batch]
+                width = max(map(len, seqs))
+                ids = torch.tensor([q + [tokenizer.pad_token_id] * (width - len(q)) for q in seqs], device=model.device)
+                mask = torch.tensor([[1] * len(q) + [0] * (width - len(q)) for q in seqs], device=model.device)
+                logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+                tok_logp = logp.gather(-1, ids[:, 1:, None])[..., 0]
+                for i, b in enumerate(batch):
+                    start, end = len(b["prompt_ids"]) - 1, len(seqs[i]) - 1
+                    out[key].append(tok_logp[i, start:end].sum().item())
+    return out["chosen"], out["rejected"]
