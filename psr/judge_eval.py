@@ -68,6 +68,7 @@ def judge_eval(cfg: JudgeEvalConfig, model=None, tokenizer=None) -> dict:
 
     by_kind = defaultdict(list)
     a_share, per_order, agree = [], [], []
+    by_agg = {"agree": [], "sum": []}
     for r, c in zip(pairs, comps):
         first, second = c.order_scores["0,1"], c.order_scores["1,0"]  # right step shown as A, then as B
         if cfg.judge.mode == "logits":
@@ -76,6 +77,11 @@ def judge_eval(cfg: JudgeEvalConfig, model=None, tokenizer=None) -> dict:
             says_a = [None if v is None else v == "A" for v in (first, second)]
         right = [says_a[0] is True, says_a[1] is False]
         correct = c.wins[0][1] == 1
+        # both aggregations, whatever the config: "agree" needs both orders right; "sum" (logits) compares
+        # P(right) summed over the orders, (generate) counts the orders that chose the right step
+        by_agg["agree"].append(right[0] and right[1])
+        votes = [v for v in (says_a[0], None if says_a[1] is None else not says_a[1]) if v is not None]
+        by_agg["sum"].append(first > second if cfg.judge.mode == "logits" else 2 * sum(votes) > len(votes) > 0)
         by_kind[r["kind"]].append(correct)
         per_order += right
         a_share += [x for x in says_a if x is not None]
@@ -85,6 +91,7 @@ def judge_eval(cfg: JudgeEvalConfig, model=None, tokenizer=None) -> dict:
     result = {
         "model": cfg.model, "n": len(pairs), "mode": cfg.judge.mode, "aggregation": cfg.judge.aggregation,
         "accuracy": sum(r["correct"] for r in pairs) / n,
+        "accuracy_by_aggregation": {k: sum(v) / n for k, v in by_agg.items()},
         "per_order_accuracy": sum(per_order) / max(1, len(per_order)),
         "order_agreement": sum(agree) / n,
         "position_bias_share_A": sum(a_share) / max(1, len(a_share)),
@@ -100,6 +107,8 @@ def judge_eval(cfg: JudgeEvalConfig, model=None, tokenizer=None) -> dict:
 
 def format_judge_eval(r: dict) -> str:
     kinds = ", ".join(f"{k} {v:.3f}" for k, v in r["by_kind"].items())
-    return (f"judge ({r['mode']}, {r['aggregation']}) on {r['n']} pairs: accuracy {r['accuracy']:.3f}, "
+    aggs = r.get("accuracy_by_aggregation", {})
+    return (f"judge ({r['mode']}, {r['aggregation']}) on {r['n']} pairs: accuracy {r['accuracy']:.3f} "
+            f"(agree {aggs.get('agree', float('nan')):.3f}, sum {aggs.get('sum', float('nan')):.3f}), "
             f"per-order {r['per_order_accuracy']:.3f}, order agreement {r['order_agreement']:.3f}, "
             f"share of A {r['position_bias_share_A']:.3f}, unparseable {r['unparseable']}\nby kind: {kinds}")

@@ -270,6 +270,10 @@ def test_judge_eval_on_builtin_and_labelled_pairs(tmp_path, capsys):
     assert main(["judge-eval", "--model", "tiny-random", "--limit", "8", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["n"] == 8 and 0 <= r["accuracy"] <= r["per_order_accuracy"] + 0.5 and 0 <= r["position_bias_share_A"] <= 1
+    # both aggregations recomputed from the stored per-order P(A): agree = both orders right, sum = P(A|right first) > P(A|right second)
+    verdicts = [p["verdicts"] for p in r["pairs"]]
+    assert r["accuracy_by_aggregation"]["agree"] == sum(a > 0.5 > b for a, b in verdicts) / 8 == r["accuracy"]
+    assert r["accuracy_by_aggregation"]["sum"] == sum(a > b for a, b in verdicts) / 8
     labelled = tmp_path / "labelled.jsonl"
     labelled.write_text("".join(json.dumps({"question": x["question"], "previous_steps": x["previous_steps"],
                                             "chosen": x["chosen"], "rejected": x["rejected"]}) + "\n" for x in pairs))
