@@ -199,5 +199,5 @@ class StepJudge:
                     wins[i][j] = 1
                 elif strength < 0:
                     wins[j][i] = 1
-        order_scores = {f"{i},{j}": (round(v, 4) if logits else parse_verdict(v)) for (i, j), v in seen.items()}
+        order_scores = {f"{i},{j}": (v if logits else parse_verdict(v)) for (i, j), v in seen.items()}
         return Comparison(order_scores, wins, [sum(r) for r in wins], disagreements, unparseable, replies)

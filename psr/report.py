@@ -169,6 +169,13 @@ def summary_table(run_dir: str | Path) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 
 
+def stage_times(run_dir: str | Path) -> list[tuple[str, float]]:
+    """(stage id, seconds) from the ``<stage>.done`` markers, in the order the stages finished."""
+    done = [json.loads(p.read_text()) for p in Path(run_dir).rglob("*.done")]
+    done.sort(key=lambda d: d.get("finished_at", ""))
+    return [(d["stage"], d["seconds"]) for d in done if "stage" in d and "seconds" in d]
+
+
 def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     data = collect(run_dir)
@@ -184,6 +191,10 @@ def write_report(run_dir: str | Path) -> Path:
                 lines.append(f"- {method.upper()} round {c['round']}: {p['pairs']} pairs from {p['problems']} problems, "
                              f"search ended {p['status']}, judge order disagreement {p.get('order_disagreement_rate')}")
     lines.append("")
+    times = stage_times(run_dir)
+    if times:
+        lines += ["| stage | minutes |", "|---|---|"] + [f"| {s} | {t / 60:.1f} |" for s, t in times]
+        lines += [f"| **total** | **{sum(t for _, t in times) / 60:.1f}** |", ""]
     lines += [f"![{p}]({p})" for p in plots]
     return write_text_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
 

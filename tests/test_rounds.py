@@ -72,6 +72,7 @@ def test_tiny_loop_survives_sigkill_and_matches_an_uninterrupted_run(tmp_path):
     # The report: markdown with the table and valid PNG plots.
     report = (killed_dir / "report.md").read_text()
     assert "| M3 | PSR round 2 |" in report
+    assert "| m0/eval |" in report and "| psr/round_2/eval |" in report and "| **total** |" in report  # stage times
     import matplotlib.image as mpimg
 
     for png in ("accuracy.png", "judge.png", "pairs.png", "steps.png", "dpo.png"):
