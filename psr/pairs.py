@@ -47,8 +47,8 @@ def _pair_row(t, tokenizer, previous, chosen, rejected, s_chosen, s_rejected, cf
     if s_chosen - s_rejected < cfg.min_margin:
         return None
     longest = max(len(tokenizer(x, add_special_tokens=False)["input_ids"]) for x in (chosen, rejected))
-    if longest > cfg.max_step_tokens or not chosen.strip():
-        return None
+    if longest > cfg.max_step_tokens or not chosen.strip() or not rejected.strip():
+        return None  # an empty step (the model stopped at once) has no tokens to score
     return {
         "prompt": render_prompt(tokenizer, t["question"], previous), "chosen": chosen, "rejected": rejected,
         "problem_id": t["problem_id"], "question": t["question"], "previous_steps": list(previous),
@@ -88,6 +88,8 @@ def pair_stats(traces: list[dict], pairs: list[dict]) -> dict:
         "order_disagreement_rate": round(sum(e["order_disagreements"] for e in events) / max(1, comparisons), 4) if events else None,
         "unparseable_verdicts": sum(e.get("unparseable", 0) for e in events),
         "ties": sum(bool(e.get("tie")) for e in events),
+        # kept steps whose pair was filtered out (identical, empty, over max_step_tokens, below min_margin)
+        "kept_steps_without_pair": sum(bool(e.get("kept")) for e in events) - sum(p.get("kind") == "step" for p in pairs),
     }
     if known:
         stats["truth"] = {
@@ -104,7 +106,7 @@ def format_stats(stats: dict) -> str:
              f"final accuracy {stats['final_accuracy']:.3f}, steps/solution {stats['mean_steps_per_solution']}",
              f"pairs per step index: {stats['pairs_per_step_index']}", f"search ended: {stats['status']}",
              f"judge order disagreement: {stats['order_disagreement_rate']}, unparseable verdicts: "
-             f"{stats['unparseable_verdicts']}, ties: {stats['ties']}"]
+             f"{stats['unparseable_verdicts']}, ties: {stats['ties']}, kept steps filtered out: {stats['kept_steps_without_pair']}"]
     if "truth" in stats:
         t = stats["truth"]
         lines.append(f"truth ({t['pairs_with_truth']} pairs): chosen right {t['chosen_right']:.3f}, rejected wrong "

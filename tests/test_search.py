@@ -127,11 +127,16 @@ def test_pair_filters():
          "best": 0, "worst": 1, "scores": [1, 0], "candidate_correct": [None, None]},
         {"kept": True, "step_index": 0, "previous_steps": [], "candidates": ["Step 1: a", "Step 1: c"],
          "best": 0, "worst": 1, "scores": [3, 2], "candidate_correct": [None, None]},
+        {"kept": True, "step_index": 0, "previous_steps": [], "candidates": ["Step 1: a", "  "],  # the model stopped at once
+         "best": 0, "worst": 1, "scores": [1, 0], "candidate_correct": [None, None]},
     ]}
     assert build_pairs([trace], _FakeTok(), PairsConfig(min_margin=1, max_step_tokens=20)) == \
         build_pairs([trace], _FakeTok(), PairsConfig(min_margin=1, max_step_tokens=20))[:1]
     kept = build_pairs([trace], _FakeTok(), PairsConfig(min_margin=1, max_step_tokens=20))
-    assert [p["rejected"] for p in kept] == ["Step 1: c"]  # identical and over-long pairs dropped
+    assert [p["rejected"] for p in kept] == ["Step 1: c"]  # identical, over-long and empty pairs dropped
+    events = [{**e, "order_disagreements": 0} for e in trace["events"]]
+    stats = pair_stats([{**trace, "events": events, "status": "solved", "final_correct": False}], kept)
+    assert stats["kept_steps_without_pair"] == 3  # reported, not silently lost
     assert build_pairs([trace], _FakeTok(), PairsConfig(min_margin=2)) == []
 
 
