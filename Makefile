@@ -4,11 +4,11 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 # jemalloc more than doubles CPU training speed; use it when present, never require it.
-, := ,
 JEMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2))
-# Never purging freed pages (decay -1) keeps the KV cache and activations from being faulted in again
-# every step: generation spent 40% of its time in the kernel on page faults without it (README).
-RUNENV := $(if $(JEMALLOC),LD_PRELOAD=$(JEMALLOC) MALLOC_CONF=dirty_decay_ms:-1$(,)muzzy_decay_ms:-1) TOKENIZERS_PARALLELISM=false
+# jemalloc's default purging costs page faults (up to 40% kernel time in long generation), but never
+# purging (MALLOC_CONF=dirty_decay_ms:-1,...) grew the demo's process to 24 GB and the OOM killer
+# ended it; so the default stays (README: Allocator).
+RUNENV := $(if $(JEMALLOC),LD_PRELOAD=$(JEMALLOC)) TOKENIZERS_PARALLELISM=false
 PSR := $(RUNENV) $(BIN)/psr
 # A run: CONFIG is its recipe, RUN its folder (default runs/<name in the recipe>).
 CONFIG ?= recipes/demo.yaml
