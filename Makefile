@@ -3,11 +3,11 @@ SHELL := /bin/bash
 PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
-# jemalloc more than doubles CPU training speed; use it when present, never require it.
+# jemalloc: step-DPO 1.18x faster than glibc here (README: Training speed); used when present, never required.
 JEMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2))
 # jemalloc's default purging costs page faults (up to 40% kernel time in long generation), but never
 # purging (MALLOC_CONF=dirty_decay_ms:-1,...) grew the demo's process to 24 GB and the OOM killer
-# ended it; so the default stays (README: Allocator).
+# ended it; so the default stays (README: M0 accuracy and eval throughput).
 RUNENV := $(if $(JEMALLOC),LD_PRELOAD=$(JEMALLOC)) TOKENIZERS_PARALLELISM=false
 PSR := $(RUNENV) $(BIN)/psr
 # A run: CONFIG is its recipe, RUN its folder (default runs/<name in the recipe>).

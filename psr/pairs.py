@@ -44,11 +44,13 @@ def build_pairs(traces: list[dict], tokenizer, cfg: PairsConfig | None = None, r
 def _pair_row(t, tokenizer, previous, chosen, rejected, s_chosen, s_rejected, cfg, round_index, kind):
     if cfg.drop_identical and chosen.strip() == rejected.strip():
         return None
+    if not chosen.strip() or not rejected.strip():
+        return None  # an empty step (the model stopped at once) has no tokens to score
     if s_chosen - s_rejected < cfg.min_margin:
         return None
     longest = max(len(tokenizer(x, add_special_tokens=False)["input_ids"]) for x in (chosen, rejected))
-    if longest > cfg.max_step_tokens or not chosen.strip() or not rejected.strip():
-        return None  # an empty step (the model stopped at once) has no tokens to score
+    if longest > cfg.max_step_tokens:
+        return None
     return {
         "prompt": render_prompt(tokenizer, t["question"], previous), "chosen": chosen, "rejected": rejected,
         "problem_id": t["problem_id"], "question": t["question"], "previous_steps": list(previous),
