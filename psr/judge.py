@@ -108,9 +108,22 @@ class StepJudge:
         for s in range(0, len(prompts), self.cfg.batch_size):
             batch = self.tok(prompts[s : s + self.cfg.batch_size], return_tensors="pt", padding=True,
                              add_special_tokens=False).to(self.model.device)
-            logits = self.model(**batch).logits[:, -1, :]
-            out += torch.softmax(logits[:, self.choice_ids].float(), dim=-1)[:, 0].tolist()
+            hidden = self.model.get_decoder()(**batch).last_hidden_state[:, -1]
+            out += self._prob_a(hidden)
         return out
+
+    def _prob_a(self, hidden: torch.Tensor) -> list[float]:
+        """P(A) / (P(A) + P(B)) from the final hidden states [n, d], the two letters' logits taken in float32.
+
+        Why not ``model(...).logits``: in bf16 the logits are rounded to steps of 0.125 at |logit| ~ 20, so
+        the small A-vs-B difference that content makes was rounded away and most verdicts tied on a GPU
+        (SmolLM2 M0: 0.195 summed accuracy in bf16 vs 0.45 in fp32). Also skips the full-vocabulary head.
+        """
+        head = self.model.get_output_embeddings()
+        logits = hidden.float() @ head.weight[self.choice_ids].float().T
+        if getattr(head, "bias", None) is not None:
+            logits = logits + head.bias[self.choice_ids].float()
+        return torch.softmax(logits, dim=-1)[:, 0].tolist()
 
     @torch.no_grad()
     def _prob_a_shared_prefix(self, prompts: list[str]) -> list[float]:
@@ -126,7 +139,8 @@ class StepJudge:
             return self._prob_a_plain(prompts)
         device = self.model.device
         prefix = torch.tensor([ids[0][:common]], device=device)
-        cache = self.model(input_ids=prefix, use_cache=True).past_key_values
+        decoder = self.model.get_decoder()
+        cache = decoder(input_ids=prefix, use_cache=True).past_key_values
         out = []
         for s in range(0, len(ids), self.cfg.batch_size):
             rows = [r[common:] for r in ids[s : s + self.cfg.batch_size]]
@@ -137,11 +151,10 @@ class StepJudge:
             batch_cache = copy.deepcopy(cache)
             batch_cache.batch_repeat_interleave(len(rows))
             positions = torch.arange(common, common + width, device=device).expand(len(rows), -1)
-            logits = self.model(input_ids=suffix, attention_mask=mask, position_ids=positions,
-                                past_key_values=batch_cache, use_cache=True).logits
+            hidden = decoder(input_ids=suffix, attention_mask=mask, position_ids=positions,
+                             past_key_values=batch_cache, use_cache=True).last_hidden_state
             last = torch.tensor([len(r) - 1 for r in rows], device=device)
-            picked = logits[torch.arange(len(rows), device=device), last][:, self.choice_ids].float()
-            out += torch.softmax(picked, dim=-1)[:, 0].tolist()
+            out += self._prob_a(hidden[torch.arange(len(rows), device=device), last])
         return out
 
     # -- generate mode ---------------------------------------------------------------------

@@ -165,6 +165,28 @@ def test_logits_judge_prefix_reuse_matches_plain(tiny):
     assert all(summed.wins[i][j] + summed.wins[j][i] == 1 for i in range(4) for j in range(4) if i != j)
 
 
+def test_logits_judge_scores_bf16_models_in_float32(tiny):
+    """A bf16 model's verdict scores come from float32 letter logits, not bf16-rounded ones (which tied on GPUs)."""
+    import copy
+
+    import torch
+
+    model, tok = tiny
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    items = [("Tom has 5 apples and eats 2. How many?", [], ["Step 1: 5 - 2 = 3.", "Step 1: 5 + 2 = 7.", "Step 1: hmm"])]
+    judge = StepJudge(bf16, tok, JudgeConfig(prefix_reuse=False, batch_size=1))  # no padding: same as below
+    scores = judge.compare(items)[0].order_scores
+    prompts = [judge.prompt(items[0][0], [], items[0][2][int(k[0])], items[0][2][int(k[2])], True) for k in scores]
+    expected = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+            hidden = bf16.get_decoder()(**ids).last_hidden_state[0, -1].double()
+            logits = bf16.get_output_embeddings().weight[judge.choice_ids].double() @ hidden
+            expected.append(torch.softmax(logits, dim=-1)[0].item())
+    assert torch.allclose(torch.tensor(list(scores.values()), dtype=torch.float64), torch.tensor(expected, dtype=torch.float64), atol=1e-6)
+
+
 def test_generate_judge_counts_unparseable_without_crashing(tiny):
     model, tok = tiny
     comp = StepJudge(model, tok, JudgeConfig(mode="generate", max_new_tokens=6)).compare(
