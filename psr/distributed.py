@@ -15,10 +15,16 @@ def context():
         from accelerate import PartialState
 
         # Without a GPU accelerate only sets up gloo when asked for the CPU explicitly.
-        state = PartialState(cpu=not torch.cuda.is_available())
+        state = PartialState(cpu=not use_cuda())
         return state.process_index, state.num_processes, state.wait_for_everyone
     return 0, 1, lambda: None
 
 
+def use_cuda() -> bool:
+    """CUDA when the machine has it, unless the launcher asked for the CPU (accelerate config ``use_cpu: true``
+    or ``--cpu``): two CPU ranks must not both take the one GPU over NCCL."""
+    return torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes")
+
+
 def device_for(rank: int) -> str:
-    return f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+    return f"cuda:{rank % torch.cuda.device_count()}" if use_cuda() else "cpu"

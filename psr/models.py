@@ -40,7 +40,9 @@ def cache_dir() -> Path:
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    from psr.distributed import use_cuda
+
+    return "cuda" if use_cuda() else "cpu"
 
 
 def default_dtype(device: str) -> torch.dtype:

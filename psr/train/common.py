@@ -48,7 +48,10 @@ class TrainSettings:
     lora_target_modules: str | list[str] = "all-linear"
     save_adapter: bool = False  # LoRA: keep the adapter (PEFT directory) instead of merging it into the weights
     gradient_checkpointing: bool = False  # saves memory, costs ~30% more compute
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    # Weights' dtype. auto: float32 weights, trained with bf16 autocast on CUDA (pure bf16 weights round
+    # away DPO-sized updates: lr 5e-6 x ~1 is below bf16's resolution at |w| ~ 0.05). bfloat16: bf16
+    # weights (halves memory; DeepSpeed still keeps float32 master weights).
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     seed: int = 0
     logging_steps: int = 1
     logging_dir: str | None = None  # TensorBoard; default <out's folder>/tensorboard/<out's name>
@@ -75,14 +78,14 @@ def world_size() -> int:
 
 
 def on_cuda() -> bool:
-    return torch.cuda.is_available()
+    from psr.distributed import use_cuda
+
+    return use_cuda()
 
 
 def model_dtype(cfg: TrainSettings) -> torch.dtype:
-    """float32 on CPU (bf16 learns much more slowly there, DESIGN.md §5), bfloat16 on CUDA."""
-    if cfg.dtype == "auto":
-        return torch.bfloat16 if on_cuda() else torch.float32
-    return getattr(torch, cfg.dtype)
+    """The weights' dtype: float32 unless the config says bfloat16 (see ``TrainSettings.dtype``)."""
+    return torch.float32 if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
 
 
 def partial_dir(out: str | Path) -> Path:
@@ -112,7 +115,7 @@ def trainer_kwargs(cfg: TrainSettings) -> dict:
         save_strategy="no",
         report_to=[r for r in cfg.report_to if r != "tensorboard"] or "none",  # TensorBoard: our callback, own dir
         disable_tqdm=not cfg.progress,
-        bf16=cuda and model_dtype(cfg) == torch.bfloat16,
+        bf16=cuda and cfg.dtype != "float32",  # autocast on CUDA; on a CPU bf16 learns much more slowly (DESIGN.md §5)
         use_cpu=not cuda,
         dataloader_num_workers=0,
     )
