@@ -69,6 +69,7 @@ def worker(args) -> None:
     trainer.train()
     hist = [h for h in trainer.state.log_history if "loss" in h]
     out = {"variant": args.worker, **step_stats(trainer.psr_timer.seconds), "peak_rss_mb": round(peak_rss_mb(), 1),
+           "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
            "threads": torch.get_num_threads(), "ld_preload": os.environ.get("LD_PRELOAD", ""),
            "tokens_per_example": round(tokens_per_pair, 1), "last_loss": hist[-1]["loss"] if hist else None,
            "last_margin": hist[-1].get("rewards/margins") if hist else None}
@@ -78,9 +79,9 @@ def worker(args) -> None:
 def run_variant(name: str, args, pairs: str, tmp: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     env["TOKENIZERS_PARALLELISM"] = "false"
-    if VARIANTS[name][3]:
-        if not JEMALLOC:
-            return {"variant": name, "skipped": "libjemalloc.so.2 not found"}
+    if not JEMALLOC and name == "step_dpo_full_glibc":  # without jemalloc it is step_dpo_full again
+        return {"variant": name, "skipped": "libjemalloc.so.2 not found"}
+    if VARIANTS[name][3] and JEMALLOC:
         env["LD_PRELOAD"] = JEMALLOC
     out = Path(tmp) / f"{name}.json"
     cmd = [sys.executable, __file__, "--worker", name, "--json", str(out), "--pairs", pairs, "--tmp", tmp,
@@ -108,10 +109,11 @@ def summarize(runs: list[dict]) -> dict:
         table[name] = {"s_per_step": round(statistics.median(r["median_s_per_step"] for r in ok), 3),
                        "s_per_step_each_round": [r["median_s_per_step"] for r in ok],
                        "peak_rss_mb": round(statistics.median(r["peak_rss_mb"] for r in ok), 1),
+                       "peak_gpu_mb": ok[0].get("peak_gpu_mb"),
                        "tokens_per_example": ok[0]["tokens_per_example"], "rounds": len(ok)}
 
     def ratio(a, b, key):
-        if a in table and b in table and key in table[a] and key in table[b]:
+        if table.get(a, {}).get(key) and table.get(b, {}).get(key):
             return round(table[a][key] / table[b][key], 3)
         return None
 
@@ -126,6 +128,7 @@ def summarize(runs: list[dict]) -> dict:
         "step_dpo / plain_trl_dpo (full): time": ratio("step_dpo_full", "plain_trl_dpo_full", "s_per_step"),
         "step_dpo / plain_trl_dpo (full): time, per round": paired("step_dpo_full", "plain_trl_dpo_full"),
         "step_dpo / plain_trl_dpo (full): peak memory": ratio("step_dpo_full", "plain_trl_dpo_full", "peak_rss_mb"),
+        "step_dpo / plain_trl_dpo (full): peak GPU memory": ratio("step_dpo_full", "plain_trl_dpo_full", "peak_gpu_mb"),
         "step_dpo / plain_trl_dpo (lora): time": ratio("step_dpo_lora", "plain_trl_dpo_lora", "s_per_step"),
         "step_dpo / plain_trl_dpo (lora): peak memory": ratio("step_dpo_lora", "plain_trl_dpo_lora", "peak_rss_mb"),
         "lora / full (step_dpo): time": ratio("step_dpo_lora", "step_dpo_full", "s_per_step"),
@@ -139,13 +142,13 @@ def summarize(runs: list[dict]) -> dict:
 def markdown(summary: dict, args) -> str:
     lines = [f"model `{args.model}`, {args.steps} steps per process (median of all but the first), DPO batch "
              f"{args.batch_size} pairs, SFT batch {args.sft_batch_size}, {args.rounds} interleaved round(s)", "",
-             "| variant | s/step | peak RSS (MB) | tokens/example |", "|---|---|---|---|"]
+             "| variant | s/step | peak RSS (MB) | peak GPU (MB) | tokens/example |", "|---|---|---|---|---|"]
     for name, v in summary["variants"].items():
         if "skipped" in v:
-            lines.append(f"| {name} | skipped: {v['skipped']} | | |")
+            lines.append(f"| {name} | skipped: {v['skipped']} | | | |")
         else:
             lines.append(f"| {name} | {v['s_per_step']} ({', '.join(map(str, v['s_per_step_each_round']))}) | "
-                         f"{v['peak_rss_mb']} | {v['tokens_per_example']} |")
+                         f"{v['peak_rss_mb']} | {v['peak_gpu_mb'] or '—'} | {v['tokens_per_example']} |")
     lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in summary["ratios"].items()]
     return "\n".join(lines) + "\n"
 
