@@ -93,6 +93,8 @@ def pair_stats(traces: list[dict], pairs: list[dict]) -> dict:
         # kept steps whose pair was filtered out (identical, empty, over max_step_tokens, below min_margin)
         "kept_steps_without_pair": sum(bool(e.get("kept")) for e in events) - sum(p.get("kind") == "step" for p in pairs),
     }
+    if (in_search := judge_in_search(traces)) is not None:
+        stats["judge_in_search"] = in_search
     if known:
         stats["truth"] = {
             "pairs_with_truth": len(known),
@@ -101,6 +103,22 @@ def pair_stats(traces: list[dict], pairs: list[dict]) -> dict:
             "chosen_right_and_rejected_wrong": round(sum(p["chosen_correct"] and not p["rejected_correct"] for p in known) / len(known), 4),
         }
     return stats
+
+
+def judge_in_search(traces: list[dict]) -> dict | None:
+    """The judge on the model's own candidates (task truth, step search only): at steps where some
+    candidates are right and some wrong, how often the kept one is right, against a random pick."""
+    steps = [e for t in traces for e in t.get("events", []) if e.get("candidate_correct") and e.get("best") is not None]
+    if not steps:
+        return None
+    mixed = [e for e in steps if any(e["candidate_correct"]) and not all(e["candidate_correct"])]
+    return {
+        "steps": len(steps),
+        "no_right_candidate": round(sum(not any(e["candidate_correct"]) for e in steps) / len(steps), 4),
+        "mixed_steps": len(mixed),
+        "kept_right_when_mixed": round(sum(e["candidate_correct"][e["best"]] for e in mixed) / len(mixed), 4) if mixed else None,
+        "random_right_when_mixed": round(sum(sum(c) / len(c) for c in (e["candidate_correct"] for e in mixed)) / len(mixed), 4) if mixed else None,
+    }
 
 
 def format_stats(stats: dict) -> str:

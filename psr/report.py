@@ -15,7 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from psr.files import write_text_atomic  # noqa: E402
+from psr.files import read_jsonl, write_text_atomic  # noqa: E402
+from psr.pairs import judge_in_search  # noqa: E402
 
 
 def _load(path: Path) -> dict | None:
@@ -34,8 +35,11 @@ def collect(run_dir: str | Path) -> dict:
         chain = []
         for d in rounds:
             train_log = _load(d / "model" / "train_log.json")
+            pairs = _load(d / "pair_stats.json")
+            if pairs is not None and "judge_in_search" not in pairs and (d / "search.jsonl").exists():
+                pairs["judge_in_search"] = judge_in_search(read_jsonl(d / "search.jsonl"))  # runs from before the field
             chain.append({"round": int(d.name.split("_")[1]), "eval": _load(d / "eval.json"),
-                          "pairs": _load(d / "pair_stats.json"), "train_log": train_log})
+                          "pairs": pairs, "train_log": train_log})
         methods[method] = chain
     return {"m0": m0, "m1": m1, "methods": methods}
 
@@ -190,6 +194,11 @@ def write_report(run_dir: str | Path) -> Path:
                 p = c["pairs"]
                 lines.append(f"- {method.upper()} round {c['round']}: {p['pairs']} pairs from {p['problems']} problems, "
                              f"search ended {p['status']}, judge order disagreement {p.get('order_disagreement_rate')}")
+                j = p.get("judge_in_search")
+                if j and j["mixed_steps"]:
+                    lines.append(f"  - judge on its own candidates: {j['no_right_candidate']:.0%} of {j['steps']} steps had no "
+                                 f"right candidate; at the {j['mixed_steps']} steps with right and wrong ones it kept a right one "
+                                 f"{j['kept_right_when_mixed']:.0%} of the time (random pick: {j['random_right_when_mixed']:.0%})")
     lines.append("")
     times = stage_times(run_dir)
     if times:

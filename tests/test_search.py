@@ -140,6 +140,22 @@ def test_pair_filters():
     assert build_pairs([trace], _FakeTok(), PairsConfig(min_margin=2)) == []
 
 
+def test_judge_in_search_scores_kept_steps_against_random():
+    from psr.pairs import judge_in_search
+
+    def event(correct, best):
+        return {"candidate_correct": correct, "best": best}
+
+    traces = [{"events": [event([True, False, False, False], 0),  # mixed, kept right (random 1/4)
+                          event([True, True, False, False], 2),   # mixed, kept wrong (random 1/2)
+                          event([False, False, False, False], 1),  # no right candidate
+                          event([True, True, True, True], 3)]},  # all right
+              {"events": [{"candidate_correct": None, "best": None}]}]  # no truth: not counted
+    assert judge_in_search(traces) == {"steps": 4, "no_right_candidate": 0.25, "mixed_steps": 2,
+                                       "kept_right_when_mixed": 0.5, "random_right_when_mixed": 0.375}
+    assert judge_in_search([{"events": []}]) is None
+
+
 def test_parse_verdict():
     assert parse_verdict(judge_reply("A", "Step A is right.")) == "A"
     assert parse_verdict("blah [[ B ]]") == "B"
