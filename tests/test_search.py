@@ -10,6 +10,7 @@ from psr.judge import Comparison, JudgeConfig, StepJudge, judge_reply, parse_ver
 from psr.pairs import PairsConfig, build_pairs, pair_stats
 from psr.search import SearchConfig, run_search, search_chunk
 from psr.tasks import ArithmeticTask
+from psr.tasks.arithmetic import CORRUPTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -307,7 +308,7 @@ def test_judge_eval_on_builtin_and_labelled_pairs(tmp_path, capsys):
         p = by_id[r["problem_id"]]
         assert task.check_step(p, r["previous_steps"], r["chosen"]) is True
         assert task.check_step(p, r["previous_steps"], r["rejected"]) is False
-    assert {r["kind"] for r in pairs} == {"wrong_result", "wrong_operation", "wrong_operand", "skipped_step"}
+    assert {r["kind"] for r in pairs} == set(CORRUPTIONS)
 
     out = tmp_path / "j.json"
     assert main(["judge-eval", "--model", "tiny-random", "--limit", "8", "--out", str(out)]) == 0

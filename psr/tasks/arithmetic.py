@@ -51,7 +51,7 @@ QUESTION = {"apples": "How many apples does {name} have now?", "dollars": "How m
 
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: Fraction(a, b)}
 OP_WORD = {"+": "adding", "-": "subtracting", "*": "multiplying by", "/": "dividing by"}
-CORRUPTIONS = ("wrong_result", "wrong_operation", "wrong_operand", "skipped_step")
+CORRUPTIONS = ("wrong_result", "wrong_operation", "wrong_operand", "skipped_step", "wrong_stop")
 EQUATION_RE = re.compile(r"(-?\d+(?:\.\d+)?)\s*([+\-*/×x÷])\s*(-?\d+(?:\.\d+)?)\s*=\s*(-?\d+(?:\.\d+)?)")
 
 
@@ -201,6 +201,14 @@ class ArithmeticTask(Task):
                 return _step_text(k + 1, a, op2, b2, value, k + 1 == len(chain) - 1)
             return f"{step_prefix(k + 1)}The answer is \\boxed{{{_fmt(a)}}}." if a != result \
                 else self.corrupt_step(problem, k, "wrong_result", rng)
+        if kind == "wrong_stop":
+            # Right arithmetic, wrong ending: boxes this step's result before the last step, or at the
+            # last step goes on computing instead of answering. Without it the judge never saw when a
+            # solution should end: an M1 preferred "go on" to "answer" and DPO taught M2 not to stop.
+            if not final:
+                return _step_text(k + 1, a, op, b, result, final=True)
+            x = rng.randint(2, 9)
+            return _step_text(k + 1, a, op, b, result, final=False)[:-1] + f", then adding {x}: {_fmt(result)} + {x} = {_fmt(result + x)}."
         raise ValueError(f"unknown corruption {kind!r}; choose from {CORRUPTIONS}")
 
 

@@ -38,6 +38,7 @@ WHY_WRONG = {
     "wrong_operation": "it applies the wrong operation",
     "wrong_operand": "it uses a number that is not in the problem at this point",
     "skipped_step": "it skips a step of the problem",
+    "wrong_stop": "it gives the answer before the last step, or goes on instead of giving it",
 }
 
 
