@@ -17,16 +17,28 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from psr.files import read_jsonl, write_text_atomic  # noqa: E402
 from psr.pairs import judge_in_search  # noqa: E402
+from psr.steps import has_final_answer  # noqa: E402
 
 
 def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _load_eval(d: Path) -> dict | None:
+    """A model's eval.json, each benchmark with the share of its solutions that give a final answer
+    (from eval_<name>.json's outputs): a model that stops answering shows here first."""
+    e = _load(d / "eval.json")
+    for name, b in ((e or {}).get("benchmarks") or {}).items():
+        rows = (_load(d / f"eval_{name}.json") or {}).get("problems")
+        if rows:
+            b["answered"] = sum(has_final_answer(r["output"]) for r in rows) / len(rows)
+    return e
+
+
 def collect(run_dir: str | Path) -> dict:
     """Per method, the chain of models M0, M1, M2, ... with their eval, pairs and training logs."""
     run_dir = Path(run_dir)
-    m0, m1 = _load(run_dir / "m0" / "eval.json"), _load(run_dir / "init" / "eval.json")
+    m0, m1 = _load_eval(run_dir / "m0"), _load_eval(run_dir / "init")
     methods = {}
     for method in ("psr", "srlm"):
         rounds = sorted((run_dir / method).glob("round_*"), key=lambda p: int(p.name.split("_")[1]))
@@ -38,7 +50,7 @@ def collect(run_dir: str | Path) -> dict:
             pairs = _load(d / "pair_stats.json")
             if pairs is not None and "judge_in_search" not in pairs and (d / "search.jsonl").exists():
                 pairs["judge_in_search"] = judge_in_search(read_jsonl(d / "search.jsonl"))  # runs from before the field
-            chain.append({"round": int(d.name.split("_")[1]), "eval": _load(d / "eval.json"),
+            chain.append({"round": int(d.name.split("_")[1]), "eval": _load_eval(d),
                           "pairs": pairs, "train_log": train_log})
         methods[method] = chain
     return {"m0": m0, "m1": m1, "methods": methods}
@@ -115,10 +127,12 @@ def write_plots(run_dir: Path, data: dict) -> list[str]:
 
     if bench:
         b0 = bench[0]
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+        fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(14, 3.8))
         _plot_lines(a1, data, {b0: lambda e: e.get("benchmarks", {}).get(b0, {}).get("mean_steps")}, "steps", "Steps per solution")
         _plot_lines(a2, data, {b0: lambda e: e.get("benchmarks", {}).get(b0, {}).get("mean_step_chars")},
                     "characters", "Mean step length")
+        _plot_lines(a3, data, {b0: lambda e: e.get("benchmarks", {}).get(b0, {}).get("answered")},
+                    "share", "Solutions that give a final answer")
         fig.tight_layout(); fig.savefig(run_dir / "steps.png", dpi=120); plt.close(fig)
         files.append("steps.png")
 
@@ -140,7 +154,8 @@ def write_plots(run_dir: Path, data: dict) -> list[str]:
 
 def summary_rows(data: dict) -> list[list[str]]:
     bench = _benchmarks(data)
-    header = ["model", "method", *bench, "judge acc", "order agree", "pairs", "chosen right", "rejected wrong"]
+    header = ["model", "method", *bench, *([f"answered ({bench[0]})"] if bench else []), "judge acc", "order agree",
+              "pairs", "chosen right", "rejected wrong"]
     rows = [header]
 
     def fmt(v):
@@ -149,7 +164,9 @@ def summary_rows(data: dict) -> list[list[str]]:
     def row(label, method, e, pairs=None):
         j = (e or {}).get("judge") or {}
         truth = (pairs or {}).get("truth") or {}
-        return [label, method, *[fmt(((e or {}).get("benchmarks", {}).get(b) or {}).get("accuracy")) for b in bench],
+        benchmarks = (e or {}).get("benchmarks", {})
+        return [label, method, *[fmt((benchmarks.get(b) or {}).get("accuracy")) for b in bench],
+                *([fmt((benchmarks.get(bench[0]) or {}).get("answered"))] if bench else []),
                 fmt(j.get("accuracy")), fmt(j.get("order_agreement")), fmt((pairs or {}).get("pairs")),
                 fmt(truth.get("chosen_right")), fmt(truth.get("rejected_wrong"))]
 

@@ -1,6 +1,7 @@
 """The loop: tiny recipe end to end, resume after SIGKILL, config-change refusal, report, recipes, SLURM."""
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -72,6 +73,11 @@ def test_tiny_loop_survives_sigkill_and_matches_an_uninterrupted_run(tmp_path):
     # The report: markdown with the table and valid PNG plots.
     report = (killed_dir / "report.md").read_text()
     assert "| M3 | PSR round 2 |" in report
+    from psr.report import collect
+
+    answered = collect(killed_dir)["m1"]["benchmarks"]["arithmetic"]["answered"]  # from eval_arithmetic.json's outputs
+    outputs = [r["output"] for r in json.loads((killed_dir / "init" / "eval_arithmetic.json").read_text())["problems"]]
+    assert answered == sum(bool(re.search(r"\\boxed\{[^{}]*\}", o)) for o in outputs) / len(outputs)
     assert "| m0/eval |" in report and "| psr/round_2/eval |" in report and "| **total** |" in report  # stage times
     import matplotlib.image as mpimg
 
