@@ -5,6 +5,10 @@ One prompt template (overridable from config). The judge's reply ends with the v
 (``psr init``) is written in exactly this reply format, so that:
 - ``generate`` mode lets the model write (justification +) verdict and parses it;
 - ``logits`` mode ends the prompt at ``Verdict: [[`` and compares P("A") with P("B").
+
+``truth`` mode is not the model at all: the task's exact step check judges (``truth_comparison``). It is
+the control arm (method ``oracle``) that says what a perfect judge would make of the same search and
+training, so a run can tell a weak self-judge apart from a weak learner.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ def parse_verdict(text: str) -> str | None:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class JudgeConfig:
-    mode: Literal["logits", "generate"] = "logits"
+    mode: Literal["logits", "generate", "truth"] = "logits"  # truth: the task's step check (a control, not PSR)
     # agree: i beats j only if both orders (i as A, i as B) prefer i; sum: P(i wins) summed over both orders > 1
     aggregation: Literal["agree", "sum"] = "agree"
     prefix_reuse: bool = True  # logits mode: encode question + steps so far once per step, reuse its KV cache
@@ -76,6 +80,16 @@ class Comparison:
     disagreements: int  # unordered pairs whose two orders disagree
     unparseable: int = 0  # generate mode: replies without a verdict (counted as no preference)
     replies: dict = field(default_factory=dict)  # generate mode: raw replies, "i,j" -> text
+
+
+def truth_comparison(correct: list[bool | None]) -> Comparison:
+    """What a perfect judge says: a right candidate beats every wrong one; two right (or two wrong)
+    candidates are no preference, so a step without a right candidate ties and the search rolls back."""
+    n = len(correct)
+    wins = [[int(correct[i] is True and correct[j] is not True) for j in range(n)] for i in range(n)]
+    order_scores = {f"{i},{j}": float(wins[i][j]) + 0.5 * (wins[i][j] == wins[j][i])
+                    for i in range(n) for j in range(n) if i != j}
+    return Comparison(order_scores, wins, [sum(r) for r in wins], disagreements=0)
 
 
 class StepJudge:

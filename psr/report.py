@@ -40,7 +40,7 @@ def collect(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     m0, m1 = _load_eval(run_dir / "m0"), _load_eval(run_dir / "init")
     methods = {}
-    for method in ("psr", "srlm"):
+    for method in ("psr", "srlm", "oracle"):
         rounds = sorted((run_dir / method).glob("round_*"), key=lambda p: int(p.name.split("_")[1]))
         if not rounds:
             continue
@@ -80,7 +80,7 @@ def _plot_lines(ax, data, value, ylabel, title):
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
                         label=f"{method.upper() + ' ' if method else ''}{series}",
-                        linestyle="-" if method in (None, "psr") else "--")
+                        linestyle={None: "-", "psr": "-", "srlm": "--"}.get(method, ":"))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -203,7 +203,8 @@ def write_report(run_dir: str | Path) -> Path:
     plots = write_plots(run_dir, data)
     lines = [f"# Run report: {run_dir.name}", "",
              "Accuracy is greedy pass@1 on held-out problems; the judge is scored on held-out right-vs-corrupted "
-             "step pairs (both orders); pairs' correctness uses the task's step truth, which never feeds the pairs.", "",
+             "step pairs (both orders); pairs' correctness uses the task's step truth, which never feeds PSR's or SRLM's "
+             "pairs (the ORACLE arm, when run, is judged by it: what a perfect judge would give).", "",
              markdown_table(summary_rows(data)), ""]
     for method, chain in data["methods"].items():
         for c in chain:
@@ -213,7 +214,8 @@ def write_report(run_dir: str | Path) -> Path:
                              f"search ended {p['status']}, judge order disagreement {p.get('order_disagreement_rate')}")
                 j = p.get("judge_in_search")
                 if j and j["mixed_steps"]:
-                    lines.append(f"  - judge on its own candidates: {j['no_right_candidate']:.0%} of {j['steps']} steps had no "
+                    who = "the task's step check (oracle)" if method == "oracle" else "judge on its own candidates"
+                    lines.append(f"  - {who}: {j['no_right_candidate']:.0%} of {j['steps']} steps had no "
                                  f"right candidate; at the {j['mixed_steps']} steps with right and wrong ones it kept a right one "
                                  f"{j['kept_right_when_mixed']:.0%} of the time (random pick: {j['random_right_when_mixed']:.0%})")
     lines.append("")

@@ -10,7 +10,7 @@ Every stage writes its artifacts atomically and then a ``<stage>.done`` marker (
 again with the same command, the loop skips finished stages and continues at the first
 unfinished one; the search also resumes inside the stage, chunk by chunk. A changed config is
 refused (naming the changed keys) once any stage is done, unless ``--restart-from`` says where
-to redo from.
+to redo from; only appending to ``methods`` is accepted as is (it adds stages after all the others).
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ class RunConfig:
     model: str = "smollm2-135m"  # M0: built-in name, local directory or hub id
     seed: int = 0
     rounds: int = 2
-    methods: list[Literal["psr", "srlm"]] = field(default_factory=lambda: ["psr"])  # each from the same M1
+    # each from the same M1; oracle: PSR's search with the task's step check as the judge (a control arm)
+    methods: list[Literal["psr", "srlm", "oracle"]] = field(default_factory=lambda: ["psr"])
     problems_per_round: int = 32  # search problems per round (new problems every round)
     task: TaskConfig = field(default_factory=TaskConfig)  # where the search's problems come from
     init: InitConfig = field(default_factory=InitConfig)  # model/out/task/seed are set by the loop
@@ -154,7 +155,11 @@ def init_stage(cfg: RunConfig, run_dir: Path):
 def search_stage(cfg: RunConfig, method: str, r: int, start_dir: Path, out_dir: Path):
     def run():
         offset = (r - 1) * cfg.problems_per_round if cfg.task.name != "arithmetic" else 0
-        scfg = dataclasses.replace(cfg.search, model=model_of(start_dir), task=cfg.task, method=method, split="train",
+        search = cfg.search
+        if method == "oracle":  # the same search and pairs, judged by the task's exact step check
+            search = dataclasses.replace(search, judge=dataclasses.replace(search.judge, mode="truth"))
+        scfg = dataclasses.replace(search, model=model_of(start_dir), task=cfg.task, split="train",
+                                   method="srlm" if method == "srlm" else "psr",
                                    limit=cfg.problems_per_round, offset=offset, seed=cfg.seed + 1000 * r, round=r,
                                    out=str(out_dir))
         stats = run_search(scfg)
@@ -242,7 +247,10 @@ def iterate(cfg: RunConfig, run_dir: str | Path | None = None, restart_from: str
     stored = run_dir / "config.yaml"
     new = to_dict(cfg)
     if stored.exists() and restart_from is None and any(s.done() for s in stages):
-        changed = changed_keys(yaml.safe_load(stored.read_text()), new)
+        old = yaml.safe_load(stored.read_text())
+        changed = changed_keys(old, new)
+        if changed == ["methods"] and new["methods"][: len(old["methods"])] == old["methods"]:
+            changed = []  # methods appended: their stages come after every existing one, nothing done is affected
         if changed:
             raise ConfigError(
                 f"the config of run {run_dir} changed since its stages ran ({', '.join(changed)}); "

@@ -24,14 +24,16 @@ import torch
 from tqdm.auto import tqdm
 
 from psr.answers import extract_answer
+from psr.config import ConfigError
 from psr.distributed import context, device_for
 from psr.files import read_jsonl, write_jsonl_atomic
 from psr.generation import generate
-from psr.judge import JudgeConfig, StepJudge
+from psr.judge import JudgeConfig, StepJudge, truth_comparison
 from psr.pairs import PairsConfig
 from psr.sampling import SamplingConfig
 from psr.steps import has_final_answer, render_prompt
 from psr.tasks import TaskConfig, make_task
+from psr.tasks.base import Task
 
 
 @dataclass
@@ -88,19 +90,22 @@ def model_proposer(model, tok, cfg: SearchConfig):
 
 def search_chunk(problems, task, propose, judge, cfg: SearchConfig) -> list[dict]:
     """Step-wise search for a few problems in lockstep (their candidates batched together).
-    ``propose`` samples candidate steps (see ``model_proposer``); ``judge.compare`` scores them."""
+    ``propose`` samples candidate steps (see ``model_proposer``); ``judge.compare`` scores them
+    (``judge=None``: the task's exact step check does, see ``truth_comparison``)."""
     states = [{"problem": p, "path": [], "events": [], "rollbacks": 0, "status": None} for p in problems]
     active = list(states)
     while active:
         candidates = propose([(s["problem"].question, s["path"]) for s in active])
-        comparisons = judge.compare([(s["problem"].question, s["path"], c) for s, c in zip(active, candidates)])
+        correct = [[task.check_step(s["problem"], s["path"], c) for c in cands] for s, cands in zip(active, candidates)]
+        if judge is None:  # judge.mode "truth": the task's step check (the oracle control arm)
+            comparisons = [truth_comparison(c) for c in correct]
+        else:
+            comparisons = judge.compare([(s["problem"].question, s["path"], c) for s, c in zip(active, candidates)])
         still = []
-        for s, cands, comp in zip(active, candidates, comparisons):
-            p = s["problem"]
+        for s, cands, right, comp in zip(active, candidates, correct, comparisons):
             event = {
                 "step_index": len(s["path"]), "previous_steps": list(s["path"]), "candidates": cands,
-                "candidate_correct": [task.check_step(p, s["path"], c) for c in cands],
-                "judgments": comp.order_scores, "scores": comp.scores,
+                "candidate_correct": right, "judgments": comp.order_scores, "scores": comp.scores,
                 "order_disagreements": comp.disagreements, "unparseable": comp.unparseable,
             }
             s["events"].append(event)
@@ -158,6 +163,9 @@ def run_search(cfg: SearchConfig, model=None, tokenizer=None, progress: bool = T
     chunk_dir = out / "search_chunks"
     chunk_dir.mkdir(parents=True, exist_ok=True)
     task = make_task(cfg.task)
+    if cfg.judge.mode == "truth" and type(task).check_step is Task.check_step:
+        raise ConfigError(f"search.judge.mode 'truth' needs a task that can check a step; task {cfg.task.name!r} cannot "
+                          "(the built-in arithmetic task can)")
     kwargs = {"offset": cfg.offset} if cfg.task.name != "arithmetic" else {}
     problems = task.problems(cfg.split, cfg.limit, seed=cfg.seed, **kwargs)
     chunks = [problems[i : i + cfg.chunk_size] for i in range(0, len(problems), cfg.chunk_size)]
@@ -166,7 +174,7 @@ def run_search(cfg: SearchConfig, model=None, tokenizer=None, progress: bool = T
     if mine:
         if model is None:
             model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=device_for(rank))
-        judge = StepJudge(model, tokenizer, cfg.judge) if cfg.method == "psr" else None
+        judge = StepJudge(model, tokenizer, cfg.judge) if cfg.method == "psr" and cfg.judge.mode != "truth" else None
         started = time.perf_counter()
         bar = tqdm(total=sum(len(chunks[c]) for c in mine), desc=f"{cfg.method} search (rank {rank})",
                    unit="problem", disable=not progress, dynamic_ncols=True)

@@ -149,7 +149,7 @@ def test_slurm_scripts_parse_and_build_the_launch_command(tmp_path):
                                   "recipes/demo.yaml", "--stop-after", "search"]
 
 
-def test_srlm_rounds_and_test_time_search_through_the_loop(tmp_path):
+def test_srlm_rounds_then_the_oracle_arm_appended_through_the_loop(tmp_path):
     data = yaml.safe_load(TINY.read_text())
     data.update(methods=["srlm"], rounds=1, eval_m0=False)
     data["search"]["srlm"] = {"samples": 3, "max_new_tokens": 12}
@@ -162,3 +162,23 @@ def test_srlm_rounds_and_test_time_search_through_the_loop(tmp_path):
     assert 0.0 <= summary["benchmarks"]["arithmetic"]["test_time_search_accuracy"] <= 1.0
     assert (run / "srlm" / "round_1" / "tts_arithmetic" / "search.jsonl").exists()
     assert "| M2 | SRLM round 1 |" in (run / "report.md").read_text()
+
+    # The oracle arm (PSR judged by the task's step check) added to the finished run: appending to
+    # methods is accepted and runs only the new stages; reordering is refused like any other change.
+    srlm_done = (run / "srlm" / "round_1" / "train.done").read_text()
+    data["methods"] = ["oracle", "srlm"]
+    recipe.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"\(methods\)"):
+        iterate(load_run_config(recipe), run, progress=False)
+    data["methods"] = ["srlm", "oracle"]
+    recipe.write_text(yaml.safe_dump(data))
+    iterate(load_run_config(recipe), run, progress=False)
+    assert (run / "srlm" / "round_1" / "train.done").read_text() == srlm_done
+    assert (run / "oracle" / "round_1" / "eval.done").exists()
+    traces = [json.loads(l) for l in (run / "oracle" / "round_1" / "search.jsonl").open()]
+    for e in (e for t in traces for e in t["events"]):
+        right = [c is True for c in e["candidate_correct"]]
+        assert e["tie"] == (all(right) or not any(right))  # the task's step check judged, not the model
+    pairs = [json.loads(l) for l in (run / "oracle" / "round_1" / "pairs.jsonl").open()]
+    assert all(p["chosen_correct"] is True and p["rejected_correct"] is False for p in pairs)
+    assert "ORACLE round 1" in (run / "report.md").read_text()

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from psr.judge import Comparison, JudgeConfig, StepJudge, judge_reply, parse_verdict
+from psr.config import ConfigError
+from psr.judge import Comparison, JudgeConfig, StepJudge, judge_reply, parse_verdict, truth_comparison
 from psr.pairs import PairsConfig, build_pairs, pair_stats
 from psr.search import SearchConfig, run_search, search_chunk
-from psr.tasks import ArithmeticTask
+from psr.tasks import ArithmeticTask, TaskConfig
 from psr.tasks.arithmetic import CORRUPTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,6 +109,37 @@ def test_rollbacks_are_bounded_and_max_steps_stops(problem):
                            ScriptedJudge(lambda c: len(c)), SearchConfig(width=2, max_steps=5))[0]
     assert endless["status"] == "max_steps" and len(endless["path"]) == 5
     assert len(build_pairs([endless], _FakeTok())) == 5
+
+
+def test_truth_judge_keeps_right_steps_and_rolls_back_where_none_is_right(problem):
+    """The oracle arm: the task's step check judges; a step with no right candidate is a tie."""
+    assert truth_comparison([False, True, None, True]).scores == [0, 2, 0, 2]
+    assert truth_comparison([False, None]).order_scores == {"0,1": 0.5, "1,0": 0.5}
+    attempts = {"n": 0}
+    base = _reference_script(problem)
+
+    def script(question, path):
+        if len(path) == 1 and attempts["n"] == 0:  # first visit of step 2: only wrong candidates
+            attempts["n"] += 1
+            return ["Step 2: 2 + 2 = 5.", "Step 2: 1 + 1 = 3.", "Step 2: 2 + 2 = 5.", "Step 2: 0 + 1 = 7."]
+        return base(question, path)
+
+    cfg = SearchConfig(width=4, judge=JudgeConfig(mode="truth"))
+    trace = search_chunk([problem], ArithmeticTask(), scripted_proposer(script), None, cfg)[0]
+    assert trace["path"] == problem.reference_steps and trace["final_correct"] and trace["rollbacks"] == 1
+    assert [e["step_index"] for e in trace["events"] if e["tie"]] == [1]
+    pairs = build_pairs([trace], _FakeTok())
+    assert len(pairs) == len(problem.reference_steps)
+    assert all(p["chosen_correct"] is True and p["rejected_correct"] is False for p in pairs)
+
+
+def test_truth_judge_is_refused_for_a_task_without_step_truth(tmp_path):
+    data = tmp_path / "gsm.jsonl"
+    data.write_text(json.dumps({"question": "1 + 1?", "answer": "#### 2"}) + "\n")
+    cfg = SearchConfig(model="tiny-random", task=TaskConfig(name="gsm8k", data=str(data)), judge=JudgeConfig(mode="truth"),
+                       out=str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match="judge.mode 'truth'.*'gsm8k'"):
+        run_search(cfg, progress=False)
 
 
 class _FakeTok:
