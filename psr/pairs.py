@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from psr.steps import render_prompt
+from psr.steps import has_final_answer, render_prompt
 
 
 @dataclass
@@ -93,6 +93,8 @@ def pair_stats(traces: list[dict], pairs: list[dict]) -> dict:
         # kept steps whose pair was filtered out (identical, empty, over max_step_tokens, below min_margin)
         "kept_steps_without_pair": sum(bool(e.get("kept")) for e in events) - sum(p.get("kind") == "step" for p in pairs),
     }
+    if (endings := ending_pairs(pairs)) is not None:
+        stats["endings"] = endings
     if (in_search := judge_in_search(traces)) is not None:
         stats["judge_in_search"] = in_search
     if known:
@@ -103,6 +105,17 @@ def pair_stats(traces: list[dict], pairs: list[dict]) -> dict:
             "chosen_right_and_rejected_wrong": round(sum(p["chosen_correct"] and not p["rejected_correct"] for p in known) / len(known), 4),
         }
     return stats
+
+
+def ending_pairs(pairs: list[dict]) -> dict | None:
+    """Step pairs where exactly one side gives the final answer: which way the judge leaned. A judge that
+    prefers going on over answering teaches the model never to stop (truth-free, so it holds for any task)."""
+    step = [p for p in pairs if p.get("kind") == "step"]
+    if not step:
+        return None
+    go_on = sum(has_final_answer(p["rejected"]) and not has_final_answer(p["chosen"]) for p in step)
+    stop = sum(has_final_answer(p["chosen"]) and not has_final_answer(p["rejected"]) for p in step)
+    return {"step_pairs": len(step), "chosen_goes_on_rejected_answers": go_on, "chosen_answers_rejected_goes_on": stop}
 
 
 def judge_in_search(traces: list[dict]) -> dict | None:

@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from psr.files import read_jsonl, write_text_atomic  # noqa: E402
-from psr.pairs import judge_in_search  # noqa: E402
+from psr.pairs import ending_pairs, judge_in_search  # noqa: E402
 from psr.steps import has_final_answer  # noqa: E402
 
 
@@ -50,6 +50,8 @@ def collect(run_dir: str | Path) -> dict:
             pairs = _load(d / "pair_stats.json")
             if pairs is not None and "judge_in_search" not in pairs and (d / "search.jsonl").exists():
                 pairs["judge_in_search"] = judge_in_search(read_jsonl(d / "search.jsonl"))  # runs from before the field
+            if pairs is not None and "endings" not in pairs and (d / "pairs.jsonl").exists():
+                pairs["endings"] = ending_pairs(read_jsonl(d / "pairs.jsonl"))
             chain.append({"round": int(d.name.split("_")[1]), "eval": _load_eval(d),
                           "pairs": pairs, "train_log": train_log})
         methods[method] = chain
@@ -212,6 +214,11 @@ def write_report(run_dir: str | Path) -> Path:
                 p = c["pairs"]
                 lines.append(f"- {method.upper()} round {c['round']}: {p['pairs']} pairs from {p['problems']} problems, "
                              f"search ended {p['status']}, judge order disagreement {p.get('order_disagreement_rate')}")
+                ends = p.get("endings")
+                if ends and ends["chosen_goes_on_rejected_answers"] + ends["chosen_answers_rejected_goes_on"]:
+                    lines.append(f"  - answer or go on: in {ends['chosen_goes_on_rejected_answers']} of {ends['step_pairs']} pairs the "
+                                 f"chosen step goes on while the rejected one gives the answer; the reverse in "
+                                 f"{ends['chosen_answers_rejected_goes_on']}")
                 j = p.get("judge_in_search")
                 if j and j["mixed_steps"]:
                     who = "the task's step check (oracle)" if method == "oracle" else "judge on its own candidates"

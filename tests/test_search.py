@@ -189,6 +189,19 @@ def test_judge_in_search_scores_kept_steps_against_random():
     assert judge_in_search([{"events": []}]) is None
 
 
+def test_ending_pairs_count_which_way_the_judge_leans_between_answering_and_going_on():
+    from psr.pairs import ending_pairs
+
+    answer, go_on = "Step 3: 4 + 5 = 9. The answer is \\boxed{9}.", "Step 3: 4 + 5 = 9."
+    pairs = [{"kind": "step", "chosen": go_on, "rejected": answer},
+             {"kind": "step", "chosen": go_on, "rejected": answer},
+             {"kind": "step", "chosen": answer, "rejected": go_on},
+             {"kind": "step", "chosen": go_on, "rejected": "Step 3: 4 + 5 = 10."},  # neither answers
+             {"kind": "solution", "chosen": go_on, "rejected": answer}]  # SRLM rows are whole solutions
+    assert ending_pairs(pairs) == {"step_pairs": 4, "chosen_goes_on_rejected_answers": 2, "chosen_answers_rejected_goes_on": 1}
+    assert ending_pairs(pairs[-1:]) is None
+
+
 def test_parse_verdict():
     assert parse_verdict(judge_reply("A", "Step A is right.")) == "A"
     assert parse_verdict("blah [[ B ]]") == "B"
