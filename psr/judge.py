@@ -84,7 +84,8 @@ class Comparison:
 
 def truth_comparison(correct: list[bool | None]) -> Comparison:
     """What a perfect judge says: a right candidate beats every wrong one; two right (or two wrong)
-    candidates are no preference, so a step without a right candidate ties and the search rolls back."""
+    candidates are no preference, so a step without a right candidate ties and the search rolls back
+    (a step where every candidate is right is kept by the search without a pair)."""
     n = len(correct)
     wins = [[int(correct[i] is True and correct[j] is not True) for j in range(n)] for i in range(n)]
     order_scores = {f"{i},{j}": float(wins[i][j]) + 0.5 * (wins[i][j] == wins[j][i])

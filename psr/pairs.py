@@ -29,8 +29,8 @@ def build_pairs(traces: list[dict], tokenizer, cfg: PairsConfig | None = None, r
             rows += _srlm_pairs(t, tokenizer, cfg, round_index)
             continue
         for e in t["events"]:
-            if not e.get("kept"):
-                continue  # ties and rolled-back steps make no pair
+            if not e.get("kept") or e.get("worst") is None:
+                continue  # ties, rolled-back steps and the oracle's all-right steps make no pair
             chosen, rejected = e["candidates"][e["best"]], e["candidates"][e["worst"]]
             row = _pair_row(t, tokenizer, e["previous_steps"], chosen, rejected, e["scores"][e["best"]],
                             e["scores"][e["worst"]], cfg, round_index, kind="step")
@@ -90,7 +90,8 @@ def pair_stats(traces: list[dict], pairs: list[dict]) -> dict:
         "order_disagreement_rate": round(sum(e["order_disagreements"] for e in events) / max(1, comparisons), 4) if events else None,
         "unparseable_verdicts": sum(e.get("unparseable", 0) for e in events),
         "ties": sum(bool(e.get("tie")) for e in events),
-        # kept steps whose pair was filtered out (identical, empty, over max_step_tokens, below min_margin)
+        # kept steps without a pair: filtered out (identical, empty, over max_step_tokens, below min_margin)
+        # or, for the oracle, every candidate right
         "kept_steps_without_pair": sum(bool(e.get("kept")) for e in events) - sum(p.get("kind") == "step" for p in pairs),
     }
     if (endings := ending_pairs(pairs)) is not None:
@@ -119,17 +120,20 @@ def ending_pairs(pairs: list[dict]) -> dict | None:
 
 
 def judge_in_search(traces: list[dict]) -> dict | None:
-    """The judge on the model's own candidates (task truth, step search only): at steps where some
-    candidates are right and some wrong, how often the kept one is right, against a random pick."""
-    steps = [e for t in traces for e in t.get("events", []) if e.get("candidate_correct") and e.get("best") is not None]
+    """The judge on the model's own candidates (task truth, step search only): how often no candidate
+    was right, and at steps where some are right and some wrong, how often the kept one is right,
+    against a random pick. A tie (nothing kept, roll back) counts as a step judged, not kept right."""
+    steps = [e for t in traces for e in t.get("events", []) if e.get("candidate_correct")]
     if not steps:
         return None
     mixed = [e for e in steps if any(e["candidate_correct"]) and not all(e["candidate_correct"])]
+    kept_right = sum(e.get("best") is not None and e["candidate_correct"][e["best"]] for e in mixed)
     return {
         "steps": len(steps),
         "no_right_candidate": round(sum(not any(e["candidate_correct"]) for e in steps) / len(steps), 4),
+        "ties": round(sum(e.get("best") is None for e in steps) / len(steps), 4),
         "mixed_steps": len(mixed),
-        "kept_right_when_mixed": round(sum(e["candidate_correct"][e["best"]] for e in mixed) / len(mixed), 4) if mixed else None,
+        "kept_right_when_mixed": round(kept_right / len(mixed), 4) if mixed else None,
         "random_right_when_mixed": round(sum(sum(c) / len(c) for c in (e["candidate_correct"] for e in mixed)) / len(mixed), 4) if mixed else None,
     }
 

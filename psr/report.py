@@ -48,8 +48,8 @@ def collect(run_dir: str | Path) -> dict:
         for d in rounds:
             train_log = _load(d / "model" / "train_log.json")
             pairs = _load(d / "pair_stats.json")
-            if pairs is not None and "judge_in_search" not in pairs and (d / "search.jsonl").exists():
-                pairs["judge_in_search"] = judge_in_search(read_jsonl(d / "search.jsonl"))  # runs from before the field
+            if pairs is not None and (d / "search.jsonl").exists():  # recomputed: older runs counted kept steps only
+                pairs["judge_in_search"] = judge_in_search(read_jsonl(d / "search.jsonl"))
             if pairs is not None and "endings" not in pairs and (d / "pairs.jsonl").exists():
                 pairs["endings"] = ending_pairs(read_jsonl(d / "pairs.jsonl"))
             chain.append({"round": int(d.name.split("_")[1]), "eval": _load_eval(d),
@@ -223,7 +223,7 @@ def write_report(run_dir: str | Path) -> Path:
                 if j and j["mixed_steps"]:
                     who = "the task's step check (oracle)" if method == "oracle" else "judge on its own candidates"
                     lines.append(f"  - {who}: {j['no_right_candidate']:.0%} of {j['steps']} steps had no "
-                                 f"right candidate; at the {j['mixed_steps']} steps with right and wrong ones it kept a right one "
+                                 f"right candidate, {j.get('ties', 0):.0%} were ties (rolled back); at the {j['mixed_steps']} steps with right and wrong ones it kept a right one "
                                  f"{j['kept_right_when_mixed']:.0%} of the time (random pick: {j['random_right_when_mixed']:.0%})")
     lines.append("")
     times = stage_times(run_dir)

@@ -112,7 +112,8 @@ def test_rollbacks_are_bounded_and_max_steps_stops(problem):
 
 
 def test_truth_judge_keeps_right_steps_and_rolls_back_where_none_is_right(problem):
-    """The oracle arm: the task's step check judges; a step with no right candidate is a tie."""
+    """The oracle arm: the task's step check judges; a step with no right candidate is a tie, a step
+    whose candidates are all right is kept without a pair (not rolled back)."""
     assert truth_comparison([False, True, None, True]).scores == [0, 2, 0, 2]
     assert truth_comparison([False, None]).order_scores == {"0,1": 0.5, "1,0": 0.5}
     attempts = {"n": 0}
@@ -122,6 +123,8 @@ def test_truth_judge_keeps_right_steps_and_rolls_back_where_none_is_right(proble
         if len(path) == 1 and attempts["n"] == 0:  # first visit of step 2: only wrong candidates
             attempts["n"] += 1
             return ["Step 2: 2 + 2 = 5.", "Step 2: 1 + 1 = 3.", "Step 2: 2 + 2 = 5.", "Step 2: 0 + 1 = 7."]
+        if len(path) == 0:  # step 1: every candidate right
+            return [problem.reference_steps[0]] * 4
         return base(question, path)
 
     cfg = SearchConfig(width=4, judge=JudgeConfig(mode="truth"))
@@ -129,7 +132,7 @@ def test_truth_judge_keeps_right_steps_and_rolls_back_where_none_is_right(proble
     assert trace["path"] == problem.reference_steps and trace["final_correct"] and trace["rollbacks"] == 1
     assert [e["step_index"] for e in trace["events"] if e["tie"]] == [1]
     pairs = build_pairs([trace], _FakeTok())
-    assert len(pairs) == len(problem.reference_steps)
+    assert [p["step_index"] for p in pairs] == list(range(1, len(problem.reference_steps)))
     assert all(p["chosen_correct"] is True and p["rejected_correct"] is False for p in pairs)
 
 
@@ -173,7 +176,7 @@ def test_pair_filters():
     assert build_pairs([trace], _FakeTok(), PairsConfig(min_margin=2)) == []
 
 
-def test_judge_in_search_scores_kept_steps_against_random():
+def test_judge_in_search_scores_every_judged_step_ties_included_against_random():
     from psr.pairs import judge_in_search
 
     def event(correct, best):
@@ -182,10 +185,12 @@ def test_judge_in_search_scores_kept_steps_against_random():
     traces = [{"events": [event([True, False, False, False], 0),  # mixed, kept right (random 1/4)
                           event([True, True, False, False], 2),   # mixed, kept wrong (random 1/2)
                           event([False, False, False, False], 1),  # no right candidate
-                          event([True, True, True, True], 3)]},  # all right
+                          event([True, True, True, True], 3),  # all right
+                          event([False, False, False, False], None),  # none right, tie: rolled back
+                          event([True, False, False, False], None)]},  # mixed, tie: nothing kept
               {"events": [{"candidate_correct": None, "best": None}]}]  # no truth: not counted
-    assert judge_in_search(traces) == {"steps": 4, "no_right_candidate": 0.25, "mixed_steps": 2,
-                                       "kept_right_when_mixed": 0.5, "random_right_when_mixed": 0.375}
+    assert judge_in_search(traces) == {"steps": 6, "no_right_candidate": 0.3333, "ties": 0.3333, "mixed_steps": 3,
+                                       "kept_right_when_mixed": 0.3333, "random_right_when_mixed": 0.3333}
     assert judge_in_search([{"events": []}]) is None
 
 
