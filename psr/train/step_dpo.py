@@ -47,11 +47,16 @@ class StepDPOConfig(TrainSettings):
     precompute_ref_log_probs: bool = False  # run the reference once over the pairs, then drop it
     prompt_from: Literal["file", "render"] = "file"  # render: question + previous_steps with this tokenizer
     loss_type: str = "sigmoid"  # TRL's DPO loss (sigmoid = standard DPO)
+    # > 0 adds TRL's "sft" loss (NLL of the chosen step) with this weight, as RPO does: DPO alone may
+    # push the chosen step's likelihood down along with the rejected one (seen here at lr 2e-5).
+    sft_weight: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.sft_weight < 0:
+            raise ValueError(f"sft_weight must be >= 0, got {self.sft_weight}")
 
 
 # ---- pairs -----------------------------------------------------------------------------------
@@ -153,8 +158,11 @@ def oracle_pairs(tokenizer, n: int, seed: int = 0, split: str = "train", task=No
 
 # ---- training --------------------------------------------------------------------------------
 def dpo_args(cfg: StepDPOConfig) -> DPOConfig:
+    losses = {"loss_type": [cfg.loss_type]}
+    if cfg.sft_weight > 0:
+        losses = {"loss_type": [cfg.loss_type, "sft"], "loss_weights": [1.0, cfg.sft_weight]}
     return DPOConfig(**trainer_kwargs(cfg), beta=cfg.beta, max_length=cfg.max_length,
-                     precompute_ref_log_probs=cfg.precompute_ref_log_probs, loss_type=[cfg.loss_type])
+                     precompute_ref_log_probs=cfg.precompute_ref_log_probs, **losses)
 
 
 def build_trainer(cfg: StepDPOConfig, callbacks: list | None = None, trainer_class: type = StepDPOTrainer):
