@@ -19,6 +19,10 @@ class PairsConfig:
     min_margin: int = 1  # score(chosen) - score(rejected) must reach this
     max_step_tokens: int = 256  # drop pairs whose chosen or rejected is longer (tokens)
     drop_identical: bool = True  # chosen == rejected (after stripping) carries no signal
+    # The paper's tie rule drops the pair of a step it rolls back. True keeps it: the comparison made
+    # there still stands (with the oracle judge its chosen step is right), and it doubled the oracle's
+    # clean pairs (52 -> 121 on 48 problems).
+    keep_rolled_back: bool = False
 
 
 def build_pairs(traces: list[dict], tokenizer, cfg: PairsConfig | None = None, round_index: int = 1) -> list[dict]:
@@ -29,8 +33,8 @@ def build_pairs(traces: list[dict], tokenizer, cfg: PairsConfig | None = None, r
             rows += _srlm_pairs(t, tokenizer, cfg, round_index)
             continue
         for e in t["events"]:
-            if not e.get("kept") or e.get("worst") is None:
-                continue  # ties, rolled-back steps and the oracle's all-right steps make no pair
+            if e.get("worst") is None or not (e.get("kept") or (cfg.keep_rolled_back and e.get("rolled_back"))):
+                continue  # ties, rolled-back steps (unless kept) and the oracle's all-right steps make no pair
             chosen, rejected = e["candidates"][e["best"]], e["candidates"][e["worst"]]
             row = _pair_row(t, tokenizer, e["previous_steps"], chosen, rejected, e["scores"][e["best"]],
                             e["scores"][e["worst"]], cfg, round_index, kind="step")

@@ -98,6 +98,9 @@ def test_tie_rolls_back_one_step_and_drops_its_pair(problem):
     pairs = build_pairs([trace], _FakeTok())
     assert [p["step_index"] for p in pairs] == list(range(len(problem.reference_steps)))  # ... and redone once
     assert trace["path"] == problem.reference_steps
+    # keep_rolled_back: the dropped step's pair comes back, in the order the search made it.
+    pairs = build_pairs([trace], _FakeTok(), PairsConfig(keep_rolled_back=True))
+    assert [p["step_index"] for p in pairs] == [0, 1, 1] + list(range(2, len(problem.reference_steps)))
 
 
 def test_rollbacks_are_bounded_and_max_steps_stops(problem):
