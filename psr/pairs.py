@@ -40,7 +40,7 @@ def build_pairs(traces: list[dict], tokenizer, cfg: PairsConfig | None = None, r
                             e["scores"][e["worst"]], cfg, round_index, kind="step")
             if row:
                 row.update(step_index=e["step_index"], chosen_correct=e["candidate_correct"][e["best"]],
-                           rejected_correct=e["candidate_correct"][e["worst"]])
+                           rejected_correct=e["candidate_correct"][e["worst"]], rolled_back=bool(e.get("rolled_back")))
                 rows.append(row)
     return rows
 
@@ -96,7 +96,9 @@ def pair_stats(traces: list[dict], pairs: list[dict]) -> dict:
         "ties": sum(bool(e.get("tie")) for e in events),
         # kept steps without a pair: filtered out (identical, empty, over max_step_tokens, below min_margin)
         # or, for the oracle, every candidate right
-        "kept_steps_without_pair": sum(bool(e.get("kept")) for e in events) - sum(p.get("kind") == "step" for p in pairs),
+        "kept_steps_without_pair": sum(bool(e.get("kept")) for e in events)
+        - sum(p.get("kind") == "step" and not p.get("rolled_back") for p in pairs),
+        "pairs_from_rolled_back_steps": sum(bool(p.get("rolled_back")) for p in pairs),
     }
     if (endings := ending_pairs(pairs)) is not None:
         stats["endings"] = endings
@@ -147,7 +149,8 @@ def format_stats(stats: dict) -> str:
              f"final accuracy {stats['final_accuracy']:.3f}, steps/solution {stats['mean_steps_per_solution']}",
              f"pairs per step index: {stats['pairs_per_step_index']}", f"search ended: {stats['status']}",
              f"judge order disagreement: {stats['order_disagreement_rate']}, unparseable verdicts: "
-             f"{stats['unparseable_verdicts']}, ties: {stats['ties']}, kept steps filtered out: {stats['kept_steps_without_pair']}"]
+             f"{stats['unparseable_verdicts']}, ties: {stats['ties']}, kept steps filtered out: {stats['kept_steps_without_pair']}, "
+             f"pairs from rolled-back steps: {stats.get('pairs_from_rolled_back_steps', 0)}"]
     if "truth" in stats:
         t = stats["truth"]
         lines.append(f"truth ({t['pairs_with_truth']} pairs): chosen right {t['chosen_right']:.3f}, rejected wrong "

@@ -101,6 +101,8 @@ def test_tie_rolls_back_one_step_and_drops_its_pair(problem):
     # keep_rolled_back: the dropped step's pair comes back, in the order the search made it.
     pairs = build_pairs([trace], _FakeTok(), PairsConfig(keep_rolled_back=True))
     assert [p["step_index"] for p in pairs] == [0, 1, 1] + list(range(2, len(problem.reference_steps)))
+    stats = pair_stats([trace], pairs)
+    assert stats["pairs_from_rolled_back_steps"] == 1 and stats["kept_steps_without_pair"] == 0
 
 
 def test_rollbacks_are_bounded_and_max_steps_stops(problem):
