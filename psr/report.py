@@ -48,7 +48,8 @@ def collect(run_dir: str | Path) -> dict:
         for d in rounds:
             train_log = _load(d / "model" / "train_log.json")
             pairs = _load(d / "pair_stats.json")
-            if pairs is not None and (d / "search.jsonl").exists():  # recomputed: older runs counted kept steps only
+            stale = pairs is not None and "ties" not in (pairs.get("judge_in_search") or {})  # older runs: kept steps only
+            if stale and (d / "search.jsonl").exists():
                 pairs["judge_in_search"] = judge_in_search(read_jsonl(d / "search.jsonl"))
             if pairs is not None and "endings" not in pairs and (d / "pairs.jsonl").exists():
                 pairs["endings"] = ending_pairs(read_jsonl(d / "pairs.jsonl"))

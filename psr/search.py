@@ -112,7 +112,7 @@ def search_chunk(problems, task, propose, judge, cfg: SearchConfig) -> list[dict
             if judge is None and all(r is True for r in right):
                 # Oracle, every candidate right: any will do. Keep the first, learn nothing (no worst,
                 # no pair); the tie rule below is for a judge that cannot tell right from wrong.
-                event.update(tie=False, best=0, worst=None, kept=True)
+                best, worst = 0, None
             elif max(comp.scores) == min(comp.scores):  # the judge cannot separate them: roll back
                 event["tie"] = True
                 s["rollbacks"] += 1
@@ -129,8 +129,7 @@ def search_chunk(problems, task, propose, judge, cfg: SearchConfig) -> list[dict
             else:
                 best = max(range(len(cands)), key=lambda i: (comp.scores[i], -i))
                 worst = min(range(len(cands)), key=lambda i: (comp.scores[i], i))
-                event.update(tie=False, best=best, worst=worst, kept=True)
-            best = event["best"]
+            event.update(tie=False, best=best, worst=worst, kept=True)
             s["path"].append(cands[best])
             if has_final_answer(cands[best]):
                 s["status"] = "answered"
