@@ -12,13 +12,17 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from psr.sampling import SamplingConfig
 from psr.steps import has_final_answer
 
-# A later step starts on a new line with "Step n:"; the first step of a completion has no newline before it.
-NEXT_STEP_RE = re.compile(r"\n[ \t]*Step\s*\d+\s*:")
+# A later step starts with "Step n:" after whitespace, usually a newline; the first step of a completion has
+# nothing before it. Small models also run steps together on one line ("... previous step. Step 2: Add"):
+# that is two steps, so a marker after a space ends the step too.
+NEXT_STEP_RE = re.compile(r"\s+Step\s*\d+\s*:")
 
 
 def cut_at_step_boundary(text: str) -> str:
     """One step of ``text``: everything before the next ``Step n:`` marker, or, when the step
-    holds the final ``\\boxed{}``, up to the end of that line."""
+    holds the final ``\\boxed{}``, up to the end of that line. Leading blank lines are dropped first: a
+    model that opens with ``\\nStep 2:`` is writing step 2, not ending an empty one."""
+    text = text.lstrip()
     m = NEXT_STEP_RE.search(text)
     if m:
         text = text[: m.start()]
@@ -37,7 +41,7 @@ class StepBoundaryStopping(StoppingCriteria):
         self.tokenizer, self.prompt_len = tokenizer, prompt_len
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
+        texts = [t.lstrip() for t in self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)]
         done = [bool(NEXT_STEP_RE.search(t)) or (has_final_answer(t) and "\n" in t[t.find("\\boxed{"):]) for t in texts]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
@@ -73,7 +77,9 @@ def generate(
     per_batch = max(1, batch_size // num_samples)
     results: list[list[str]] = [[] for _ in prompts]
     gen_kwargs = sampling.generate_kwargs()
-    eos = [tokenizer.eos_token_id] + ([model.generation_config.eos_token_id] if isinstance(model.generation_config.eos_token_id, int) else [])
+    # generation_config may name several end tokens (Llama-3-Instruct: <|end_of_text|> and <|eot_id|>): keep all.
+    configured = model.generation_config.eos_token_id
+    eos = [tokenizer.eos_token_id] + ([configured] if isinstance(configured, int) else list(configured or []))
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(order), per_batch):
         idx = order[start : start + per_batch]

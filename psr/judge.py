@@ -56,6 +56,37 @@ def parse_verdict(text: str) -> str | None:
     return found[-1]
 
 
+def common_prefix_length(rows: list[list[int]]) -> int:
+    """Length of the token prefix that *every* row shares: the minimum over rows of where each one
+    leaves the first (taking the last row's divergence instead scored earlier-diverging rows on
+    another row's tokens)."""
+    first, common = rows[0], len(rows[0])
+    for row in rows[1:]:
+        k, limit = 0, min(common, len(row))
+        while k < limit and row[k] == first[k]:
+            k += 1
+        common = k
+    return common
+
+
+def token_probs(model, hidden: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+    """Softmax over just ``token_ids`` from final hidden states [n, d], their logits taken in float32.
+
+    Why not ``model(...).logits``: in bf16 the logits are rounded to steps of 0.125 at |logit| ~ 20, so
+    the small difference that content makes between two verdict letters (or rubric digits) is rounded
+    away (SmolLM2 M0 on a GPU: 0.195 summed judge accuracy in bf16 vs 0.45 in fp32). It also skips the
+    full-vocabulary head. Soft-capped heads (Gemma-2) are capped here as the model would.
+    """
+    head = model.get_output_embeddings()
+    logits = hidden.float() @ head.weight[token_ids].float().T
+    if getattr(head, "bias", None) is not None:
+        logits = logits + head.bias[token_ids].float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return torch.softmax(logits, dim=-1)
+
+
 # ---------------------------------------------------------------------------------------------
 # The judge itself
 # ---------------------------------------------------------------------------------------------
@@ -64,10 +95,19 @@ class JudgeConfig:
     mode: Literal["logits", "generate", "truth"] = "logits"  # truth: the task's step check (a control, not PSR)
     # agree: i beats j only if both orders (i as A, i as B) prefer i; sum: P(i wins) summed over both orders > 1
     aggregation: Literal["agree", "sum"] = "agree"
+    # sum: i beats j only when its summed strength P(i|i first) + P(i|i second) - 1, in [-1, 1], exceeds this.
+    # Without it every pair of distinct candidates has a winner, so at an even width the scores can never
+    # all be equal and the tie rule never fires; a judge at chance (P(A) ~ 0.5, or one constant position
+    # bias, which summing cancels) has strengths ~ 0, so its comparisons stay undecided and the step ties.
+    tie_margin: float = 0.1
     prefix_reuse: bool = True  # logits mode: encode question + steps so far once per step, reuse its KV cache
     template: str | None = None  # override JUDGE_PROMPT (fields: question, previous, step_a, step_b)
     max_new_tokens: int = 96  # generate mode: room for a short justification + verdict
     batch_size: int = 32  # judge prompts per forward pass / generate call
+
+    def __post_init__(self):
+        if not 0 <= self.tie_margin < 1:
+            raise ValueError(f"tie_margin must be in [0, 1), got {self.tie_margin}")
 
 
 @dataclass
@@ -123,32 +163,23 @@ class StepJudge:
         for s in range(0, len(prompts), self.cfg.batch_size):
             batch = self.tok(prompts[s : s + self.cfg.batch_size], return_tensors="pt", padding=True,
                              add_special_tokens=False).to(self.model.device)
-            hidden = self.model.get_decoder()(**batch).last_hidden_state[:, -1]
+            # Left padding shifts every row; positions counted from each row's first real token keep
+            # absolute-position models right (rotary ones are unaffected either way).
+            positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            hidden = self.model.get_decoder()(**batch, position_ids=positions).last_hidden_state[:, -1]
             out += self._prob_a(hidden)
         return out
 
     def _prob_a(self, hidden: torch.Tensor) -> list[float]:
-        """P(A) / (P(A) + P(B)) from the final hidden states [n, d], the two letters' logits taken in float32.
-
-        Why not ``model(...).logits``: in bf16 the logits are rounded to steps of 0.125 at |logit| ~ 20, so
-        the small A-vs-B difference that content makes was rounded away and most verdicts tied on a GPU
-        (SmolLM2 M0: 0.195 summed accuracy in bf16 vs 0.45 in fp32). Also skips the full-vocabulary head.
-        """
-        head = self.model.get_output_embeddings()
-        logits = hidden.float() @ head.weight[self.choice_ids].float().T
-        if getattr(head, "bias", None) is not None:
-            logits = logits + head.bias[self.choice_ids].float()
-        return torch.softmax(logits, dim=-1)[:, 0].tolist()
+        """P(A) / (P(A) + P(B)) from the final hidden states [n, d] (see ``token_probs``)."""
+        return token_probs(self.model, hidden, self.choice_ids)[:, 0].tolist()
 
     @torch.no_grad()
     def _prob_a_shared_prefix(self, prompts: list[str]) -> list[float]:
         """Same as ``_prob_a_plain`` for prompts that share a long prefix (one step's comparisons):
         the common token prefix is encoded once and its KV cache reused for every suffix."""
         ids = [self.tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        common = len(ids[0])
-        for row in ids[1:]:
-            common = next((k for k, (x, y) in enumerate(zip(ids[0], row)) if x != y), min(common, len(row)))
-            common = min(common, len(row))
+        common = common_prefix_length(ids)
         common = min(common, min(len(r) for r in ids) - 1)  # every row keeps at least one token of its own
         if common < 8:
             return self._prob_a_plain(prompts)
@@ -209,13 +240,13 @@ class StepJudge:
                 if logits:
                     p_i_first, p_i_second = seen[i, j], 1.0 - seen[j, i]  # P(i better) in each order
                     votes = [p_i_first > 0.5, p_i_second > 0.5]
-                    strength = p_i_first + p_i_second - 1.0  # > 0: i preferred on the summed probabilities
+                    strength = p_i_first + p_i_second - 1.0  # in [-1, 1]; > 0: i preferred on the summed probabilities
                 else:
                     replies[f"{i},{j}"], replies[f"{j},{i}"] = seen[i, j], seen[j, i]
                     v1, v2 = parse_verdict(seen[i, j]), parse_verdict(seen[j, i])
                     unparseable += (v1 is None) + (v2 is None)
                     votes = [None if v1 is None else v1 == "A", None if v2 is None else v2 == "B"]
-                    strength = sum(1 if v else -1 for v in votes if v is not None)
+                    strength = sum(1 if v else -1 for v in votes if v is not None) / 2  # in [-1, 1] too
                 if votes[0] is not None and votes[1] is not None and votes[0] != votes[1]:
                     disagreements += 1
                 if self.cfg.aggregation == "agree":
@@ -223,9 +254,9 @@ class StepJudge:
                         wins[i][j] = 1
                     elif votes[0] is False and votes[1] is False:
                         wins[j][i] = 1
-                elif strength > 0:
+                elif strength > self.cfg.tie_margin:
                     wins[i][j] = 1
-                elif strength < 0:
+                elif strength < -self.cfg.tie_margin:
                     wins[j][i] = 1
         order_scores = {f"{i},{j}": (v if logits else parse_verdict(v)) for (i, j), v in seen.items()}
         return Comparison(order_scores, wins, [sum(r) for r in wins], disagreements, unparseable, replies)

@@ -16,7 +16,11 @@ from psr.steps import has_final_answer, render_prompt
 
 @dataclass
 class PairsConfig:
-    min_margin: int = 1  # score(chosen) - score(rejected) must reach this
+    # The chosen-minus-rejected score gap, as a share of the method's score range, must be > 0 and reach
+    # this. Shares, so that it means the same for both methods: PSR's scores are win counts out of
+    # width - 1, SRLM's are expected rubric points out of 5. 0.1: any win at widths up to 11 (PSR), half a
+    # rubric point (SRLM).
+    min_margin: float = 0.1
     max_step_tokens: int = 256  # drop pairs whose chosen or rejected is longer (tokens)
     drop_identical: bool = True  # chosen == rejected (after stripping) carries no signal
     # The paper's tie rule drops the pair of a step it rolls back. True keeps it: the comparison made
@@ -25,8 +29,13 @@ class PairsConfig:
     keep_rolled_back: bool = False
 
 
+SRLM_TOP_SCORE = 5  # the additive rubric's maximum (psr.srlm)
+
+
 def build_pairs(traces: list[dict], tokenizer, cfg: PairsConfig | None = None, round_index: int = 1) -> list[dict]:
     cfg = cfg or PairsConfig()
+    if not 0 <= cfg.min_margin <= 1:
+        raise ValueError(f"pairs.min_margin is a share of the score range, in [0, 1]; got {cfg.min_margin}")
     rows = []
     for t in traces:
         if t["method"] == "srlm":
@@ -37,7 +46,7 @@ def build_pairs(traces: list[dict], tokenizer, cfg: PairsConfig | None = None, r
                 continue  # ties, rolled-back steps (unless kept) and the oracle's all-right steps make no pair
             chosen, rejected = e["candidates"][e["best"]], e["candidates"][e["worst"]]
             row = _pair_row(t, tokenizer, e["previous_steps"], chosen, rejected, e["scores"][e["best"]],
-                            e["scores"][e["worst"]], cfg, round_index, kind="step")
+                            e["scores"][e["worst"]], len(e["candidates"]) - 1, cfg, round_index, kind="step")
             if row:
                 row.update(step_index=e["step_index"], chosen_correct=e["candidate_correct"][e["best"]],
                            rejected_correct=e["candidate_correct"][e["worst"]], rolled_back=bool(e.get("rolled_back")))
@@ -45,12 +54,13 @@ def build_pairs(traces: list[dict], tokenizer, cfg: PairsConfig | None = None, r
     return rows
 
 
-def _pair_row(t, tokenizer, previous, chosen, rejected, s_chosen, s_rejected, cfg, round_index, kind):
+def _pair_row(t, tokenizer, previous, chosen, rejected, s_chosen, s_rejected, score_range, cfg, round_index, kind):
     if cfg.drop_identical and chosen.strip() == rejected.strip():
         return None
     if not chosen.strip() or not rejected.strip():
         return None  # an empty step (the model stopped at once) has no tokens to score
-    if s_chosen - s_rejected < cfg.min_margin:
+    share = (s_chosen - s_rejected) / score_range
+    if share <= 0 or share < cfg.min_margin:
         return None
     longest = max(len(tokenizer(x, add_special_tokens=False)["input_ids"]) for x in (chosen, rejected))
     if longest > cfg.max_step_tokens:
@@ -59,18 +69,20 @@ def _pair_row(t, tokenizer, previous, chosen, rejected, s_chosen, s_rejected, cf
         "prompt": render_prompt(tokenizer, t["question"], previous), "chosen": chosen, "rejected": rejected,
         "problem_id": t["problem_id"], "question": t["question"], "previous_steps": list(previous),
         "chosen_score": s_chosen, "rejected_score": s_rejected, "margin": s_chosen - s_rejected,
+        "margin_share": round(share, 4),
         "round": round_index, "method": t["method"], "kind": kind,
     }
 
 
 def _srlm_pairs(t, tokenizer, cfg, round_index):
     scores = t["scores"]
-    if not scores or max(scores) == min(scores):
+    scored = [i for i, x in enumerate(scores) if x is not None]  # an unparseable reply is no score, not a 0
+    if len(scored) < 2:
         return []
-    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
-    worst = min(range(len(scores)), key=lambda i: (scores[i], i))
+    best = max(scored, key=lambda i: (scores[i], -i))
+    worst = min(scored, key=lambda i: (scores[i], i))
     row = _pair_row(t, tokenizer, [], t["samples"][best], t["samples"][worst], scores[best], scores[worst],
-                    PairsConfig(cfg.min_margin, max_step_tokens=10**9, drop_identical=cfg.drop_identical),
+                    SRLM_TOP_SCORE, PairsConfig(cfg.min_margin, max_step_tokens=10**9, drop_identical=cfg.drop_identical),
                     round_index, kind="solution")
     if row:
         row.update(step_index=0, chosen_correct=t["sample_correct"][best], rejected_correct=t["sample_correct"][worst])
@@ -92,8 +104,10 @@ def pair_stats(traces: list[dict], pairs: list[dict]) -> dict:
         "final_accuracy": round(sum(t["final_correct"] for t in traces) / max(1, len(traces)), 4),
         "mean_steps_per_solution": round(sum(len(t.get("path", [])) for t in traces) / max(1, len(traces)), 3),
         "order_disagreement_rate": round(sum(e["order_disagreements"] for e in events) / max(1, comparisons), 4) if events else None,
-        "unparseable_verdicts": sum(e.get("unparseable", 0) for e in events),
+        "unparseable_verdicts": sum(e.get("unparseable", 0) for e in events) + sum(
+            t.get("unparseable", 0) for t in traces if t.get("method") == "srlm"),
         "ties": sum(bool(e.get("tie")) for e in events),
+        "tie_rate": round(sum(bool(e.get("tie")) for e in events) / len(events), 4) if events else None,
         # kept steps without a pair: filtered out (identical, empty, over max_step_tokens, below min_margin)
         # or, for the oracle, every candidate right
         "kept_steps_without_pair": sum(bool(e.get("kept")) for e in events)
@@ -128,19 +142,23 @@ def ending_pairs(pairs: list[dict]) -> dict | None:
 def judge_in_search(traces: list[dict]) -> dict | None:
     """The judge on the model's own candidates (task truth, step search only): how often no candidate
     was right, and at steps where some are right and some wrong, how often the kept one is right,
-    against a random pick. A tie (nothing kept, roll back) counts as a step judged, not kept right."""
+    against a random pick. A tie (nothing kept, roll back) counts as a step judged, not kept right.
+    A candidate the task cannot check (``None``: prose without an equation) counts as not right."""
     steps = [e for t in traces for e in t.get("events", []) if e.get("candidate_correct")]
     if not steps:
         return None
-    mixed = [e for e in steps if any(e["candidate_correct"]) and not all(e["candidate_correct"])]
-    kept_right = sum(e.get("best") is not None and e["candidate_correct"][e["best"]] for e in mixed)
+    right = [[c is True for c in e["candidate_correct"]] for e in steps]
+    mixed = [(e, r) for e, r in zip(steps, right) if any(r) and not all(r)]
+    kept_right = sum(e.get("best") is not None and r[e["best"]] for e, r in mixed)
+    cands = [c for e in steps for c in e["candidate_correct"]]
     return {
         "steps": len(steps),
-        "no_right_candidate": round(sum(not any(e["candidate_correct"]) for e in steps) / len(steps), 4),
+        "no_right_candidate": round(sum(not any(r) for r in right) / len(steps), 4),
+        "unverifiable_candidates": round(sum(c is None for c in cands) / len(cands), 4),
         "ties": round(sum(e.get("best") is None for e in steps) / len(steps), 4),
         "mixed_steps": len(mixed),
         "kept_right_when_mixed": round(kept_right / len(mixed), 4) if mixed else None,
-        "random_right_when_mixed": round(sum(sum(c) / len(c) for c in (e["candidate_correct"] for e in mixed)) / len(mixed), 4) if mixed else None,
+        "random_right_when_mixed": round(sum(sum(r) / len(r) for _, r in mixed) / len(mixed), 4) if mixed else None,
     }
 
 
@@ -149,7 +167,7 @@ def format_stats(stats: dict) -> str:
              f"final accuracy {stats['final_accuracy']:.3f}, steps/solution {stats['mean_steps_per_solution']}",
              f"pairs per step index: {stats['pairs_per_step_index']}", f"search ended: {stats['status']}",
              f"judge order disagreement: {stats['order_disagreement_rate']}, unparseable verdicts: "
-             f"{stats['unparseable_verdicts']}, ties: {stats['ties']}, kept steps filtered out: {stats['kept_steps_without_pair']}, "
+             f"{stats['unparseable_verdicts']}, ties: {stats['ties']} ({stats.get('tie_rate')} of steps), kept steps filtered out: {stats['kept_steps_without_pair']}, "
              f"pairs from rolled-back steps: {stats.get('pairs_from_rolled_back_steps', 0)}"]
     if "truth" in stats:
         t = stats["truth"]

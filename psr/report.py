@@ -158,7 +158,7 @@ def write_plots(run_dir: Path, data: dict) -> list[str]:
 def summary_rows(data: dict) -> list[list[str]]:
     bench = _benchmarks(data)
     header = ["model", "method", *bench, *([f"answered ({bench[0]})"] if bench else []), "judge acc", "order agree",
-              "pairs", "chosen right", "rejected wrong"]
+              "pairs", "chosen right", "rejected wrong", "ties", "own steps: kept right / random"]
     rows = [header]
 
     def fmt(v):
@@ -171,7 +171,14 @@ def summary_rows(data: dict) -> list[list[str]]:
         return [label, method, *[fmt((benchmarks.get(b) or {}).get("accuracy")) for b in bench],
                 *([fmt((benchmarks.get(bench[0]) or {}).get("answered"))] if bench else []),
                 fmt(j.get("accuracy")), fmt(j.get("order_agreement")), fmt((pairs or {}).get("pairs")),
-                fmt(truth.get("chosen_right")), fmt(truth.get("rejected_wrong"))]
+                fmt(truth.get("chosen_right")), fmt(truth.get("rejected_wrong")), fmt((pairs or {}).get("tie_rate")),
+                own_steps(pairs)]
+
+    def own_steps(pairs):
+        j = (pairs or {}).get("judge_in_search") or {}
+        if not j.get("mixed_steps"):
+            return "—"
+        return f"{j['kept_right_when_mixed']:.2f} / {j['random_right_when_mixed']:.2f} (n={j['mixed_steps']})"
 
     rows.append(row("M0", "base", data["m0"]))
     rows.append(row("M1", "init (SFT)", data["m1"]))
@@ -179,6 +186,10 @@ def summary_rows(data: dict) -> list[list[str]]:
         for c in chain:
             rows.append(row(f"M{c['round'] + 1}", f"{method.upper()} round {c['round']}", c["eval"], c["pairs"]))
     return rows
+
+
+def _share(x) -> str:
+    return "—" if x is None else f"{x:.0%}"
 
 
 def markdown_table(rows: list[list[str]]) -> str:
@@ -214,7 +225,8 @@ def write_report(run_dir: str | Path) -> Path:
             if c["pairs"]:
                 p = c["pairs"]
                 lines.append(f"- {method.upper()} round {c['round']}: {p['pairs']} pairs from {p['problems']} problems, "
-                             f"search ended {p['status']}, judge order disagreement {p.get('order_disagreement_rate')}")
+                             f"search ended {p['status']}, judge order disagreement {p.get('order_disagreement_rate')}, "
+                             f"tie rule fired at {p.get('ties', 0)} steps ({_share(p.get('tie_rate'))})")
                 ends = p.get("endings")
                 if ends and ends["chosen_goes_on_rejected_answers"] + ends["chosen_answers_rejected_goes_on"]:
                     lines.append(f"  - answer or go on: in {ends['chosen_goes_on_rejected_answers']} of {ends['step_pairs']} pairs the "

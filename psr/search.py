@@ -116,15 +116,15 @@ def search_chunk(problems, task, propose, judge, cfg: SearchConfig) -> list[dict
             elif max(comp.scores) == min(comp.scores):  # the judge cannot separate them: roll back
                 event["tie"] = True
                 s["rollbacks"] += 1
+                if s["rollbacks"] > cfg.max_rollbacks:
+                    s["status"] = "gave_up"  # stop here; the steps kept so far (and their pairs) stand
+                    continue
                 if s["path"]:
                     s["path"].pop()
                     kept = [e for e in s["events"] if e.get("kept")]
                     kept[-1]["kept"] = False
                     kept[-1]["rolled_back"] = True
-                if s["rollbacks"] > cfg.max_rollbacks:
-                    s["status"] = "gave_up"
-                else:
-                    still.append(s)
+                still.append(s)
                 continue
             else:
                 best = max(range(len(cands)), key=lambda i: (comp.scores[i], -i))

@@ -14,6 +14,7 @@ import torch
 
 from psr.answers import extract_answer
 from psr.generation import generate
+from psr.judge import token_probs
 from psr.steps import render_prompt, split_steps
 
 SRLM_PROMPT = (
@@ -59,20 +60,23 @@ class RubricJudge:
         return text + self.prefix if for_logits else text
 
     @torch.no_grad()
-    def score(self, items: list[tuple[str, str]]) -> tuple[list[float], int]:
-        """Scores for (question, response) items and the number of unparseable replies."""
+    def score(self, items: list[tuple[str, str]]) -> tuple[list[float | None], int]:
+        """Scores for (question, response) items (None: unparseable reply) and how many were unparseable."""
         if self.mode == "generate":
             replies = generate(self.model, self.tok, [self._prompt(q, r, False) for q, r in items],
                                max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, progress=False)
             parsed = [parse_score(r[0]) for r in replies]
-            return [float(s) if s is not None else 0.0 for s in parsed], sum(s is None for s in parsed)
+            # An unparseable reply has no score (None): it must not become the "worst" solution of a pair.
+            return [float(s) if s is not None else None for s in parsed], sum(s is None for s in parsed)
         self.tok.padding_side = "left"
         prompts = [self._prompt(q, r, True) for q, r in items]
         scores = []
         for s in range(0, len(prompts), self.batch_size):
             batch = self.tok(prompts[s : s + self.batch_size], return_tensors="pt", padding=True,
                              add_special_tokens=False).to(self.model.device)
-            probs = torch.softmax(self.model(**batch).logits[:, -1, self.digit_ids].float(), dim=-1)
+            positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            hidden = self.model.get_decoder()(**batch, position_ids=positions).last_hidden_state[:, -1]
+            probs = token_probs(self.model, hidden, self.digit_ids)  # float32, as the step judge reads its letters
             scores += (probs @ torch.arange(6.0, device=probs.device)).tolist()
         return scores, 0
 
@@ -84,17 +88,18 @@ def srlm_chunk(problems, task, model, tok, cfg) -> list[dict]:
     samples = generate(model, tok, prompts, cfg.sampling, cfg.srlm.max_new_tokens, cfg.batch_size,
                        num_samples=k, progress=False)
     judge = RubricJudge(model, tok, cfg.srlm.judge_mode, cfg.srlm.judge_max_new_tokens, cfg.judge.batch_size)
-    scores, unparseable = judge.score([(p.question, s) for p, ss in zip(problems, samples) for s in ss])
+    scores, _ = judge.score([(p.question, s) for p, ss in zip(problems, samples) for s in ss])
     traces = []
     for n, (p, ss) in enumerate(zip(problems, samples)):
         sc = scores[n * k : (n + 1) * k]
-        best = max(range(k), key=lambda i: (sc[i], -i))
+        scored = [i for i in range(k) if sc[i] is not None] or list(range(k))
+        best = max(scored, key=lambda i: (sc[i] if sc[i] is not None else -1, -i))
         correct = [task.check_answer(p, s) for s in ss]
         traces.append({
             "problem_id": p.id, "question": p.question, "gold": p.gold, "method": "srlm",
             "difficulty": task.difficulty(p), "status": "sampled", "rollbacks": 0,
             "path": split_steps(ss[best]), "final_answer": extract_answer(ss[best]), "final_correct": correct[best],
-            "samples": ss, "scores": sc, "sample_correct": correct, "unparseable": unparseable if n == 0 else 0,
+            "samples": ss, "scores": sc, "sample_correct": correct, "unparseable": sum(x is None for x in sc),
             "events": [],
         })
     return traces

@@ -171,14 +171,115 @@ def test_pair_filters():
         {"kept": True, "step_index": 0, "previous_steps": [], "candidates": ["Step 1: a", "  "],  # the model stopped at once
          "best": 0, "worst": 1, "scores": [1, 0], "candidate_correct": [None, None]},
     ]}
-    assert build_pairs([trace], _FakeTok(), PairsConfig(min_margin=1, max_step_tokens=20)) == \
-        build_pairs([trace], _FakeTok(), PairsConfig(min_margin=1, max_step_tokens=20))[:1]
-    kept = build_pairs([trace], _FakeTok(), PairsConfig(min_margin=1, max_step_tokens=20))
+    kept = build_pairs([trace], _FakeTok(), PairsConfig(max_step_tokens=20))
     assert [p["rejected"] for p in kept] == ["Step 1: c"]  # identical, over-long and empty pairs dropped
     events = [{**e, "order_disagreements": 0} for e in trace["events"]]
     stats = pair_stats([{**trace, "events": events, "status": "solved", "final_correct": False}], kept)
     assert stats["kept_steps_without_pair"] == 3  # reported, not silently lost
-    assert build_pairs([trace], _FakeTok(), PairsConfig(min_margin=2)) == []
+    with pytest.raises(ValueError, match="share of the score range"):
+        build_pairs([trace], _FakeTok(), PairsConfig(min_margin=2))
+
+
+def test_min_margin_means_the_same_share_of_the_score_range_for_psr_and_srlm():
+    """PSR scores are win counts out of width - 1, SRLM scores expected rubric points out of 5: the
+    margin is a share of that range for both (it was 1 win for PSR but a full rubric point for SRLM)."""
+    def psr(scores):
+        return {"method": "psr", "question": "q", "problem_id": "p", "events": [
+            {"kept": True, "step_index": 0, "previous_steps": [], "candidates": [f"Step 1: {k}" for k in range(4)],
+             "best": 0, "worst": 3, "scores": scores, "candidate_correct": [None] * 4}]}
+
+    def srlm(scores):
+        return {"method": "srlm", "question": "q", "problem_id": "p", "samples": [f"Step 1: {k}" for k in range(len(scores))],
+                "scores": scores, "sample_correct": [None] * len(scores)}
+
+    cfg = PairsConfig(min_margin=0.3)
+    assert len(build_pairs([psr([2, 2, 1, 1])], _FakeTok(), cfg)) == 1  # 1 win of 3 = 0.33
+    assert build_pairs([srlm([3.0, 2.0])], _FakeTok(), cfg) == []  # 1 point of 5 = 0.2
+    assert len(build_pairs([srlm([3.6, 2.0])], _FakeTok(), cfg)) == 1  # 1.6 of 5 = 0.32
+    row = build_pairs([srlm([4.0, 2.5])], _FakeTok())[0]  # default 0.1: half a point is enough
+    assert row["margin_share"] == 0.3 and row["chosen"] == "Step 1: 0"
+
+
+def test_unparseable_srlm_replies_stay_out_of_pairs_and_are_counted():
+    """A reply without "Score: N" has no score: it was scored 0 and became every pair's "worst" solution."""
+    trace = {"method": "srlm", "question": "q", "problem_id": "p", "status": "sampled", "final_correct": False,
+             "samples": ["Step 1: a", "Step 1: b", "Step 1: c", "Step 1: d"], "scores": [None, 3.0, 1.0, None],
+             "sample_correct": [False, True, False, False], "unparseable": 2, "events": []}
+    pairs = build_pairs([trace], _FakeTok())
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("Step 1: b", "Step 1: c")]
+    assert build_pairs([{**trace, "scores": [None, 3.0, None, None]}], _FakeTok()) == []
+    assert pair_stats([trace], pairs)["unparseable_verdicts"] == 2
+
+
+def test_srlm_generate_mode_scores_unparseable_replies_as_none(tiny):
+    from psr.srlm import RubricJudge
+
+    model, tok = tiny
+    scores, unparseable = RubricJudge(model, tok, mode="generate", max_new_tokens=4).score([("q", "Step 1: 1.")] * 2)
+    assert unparseable == sum(s is None for s in scores) and all(s is None or 0 <= s <= 5 for s in scores)
+
+
+def test_unverifiable_candidates_do_not_crash_the_search_stats(problem):
+    """The demo's M1 writes prose steps the task cannot check (candidate_correct None): pair_stats crashed
+    summing None. They count as not right; the share of such candidates is reported."""
+    from psr.pairs import judge_in_search
+
+    prose = "Step 1: Determine the initial position of the bus:"
+    right = problem.reference_steps
+
+    def script(question, path):
+        k = len(path)
+        return [f"Step {k + 1}: Let us think about it:", prose if k == 0 else f"Step {k + 1}: hmm", right[k]]
+
+    rank = lambda c: 2 if c in right else (1 if c == prose else 0)  # noqa: E731 -- the judge keeps prose at step 1
+    trace = search_chunk([problem], ArithmeticTask(), scripted_proposer(script), ScriptedJudge(rank),
+                         SearchConfig(width=3))[0]
+    assert trace["events"][0]["candidate_correct"] == [None, None, True]
+    stats = pair_stats([trace], build_pairs([trace], _FakeTok()))
+    j = stats["judge_in_search"]
+    assert j["mixed_steps"] == len(trace["events"]) and j["kept_right_when_mixed"] == 1.0
+    assert j["unverifiable_candidates"] > 0.5
+    # The demo's crash: a kept candidate that cannot be checked.
+    assert judge_in_search([{"events": [{"candidate_correct": [None, True, None], "best": 2},
+                                        {"candidate_correct": [None, True, None], "best": 1}]}])["kept_right_when_mixed"] == 0.5
+
+
+def test_giving_up_keeps_the_steps_found_so_far_and_their_pairs(problem):
+    """When the tie rule gives a problem up, the last tie must not also roll back a kept step and its pair."""
+    right = problem.reference_steps
+
+    def script(question, path):
+        if not path:
+            return [right[0], "Step 1: 1 + 1 = 3."]
+        return ["Step 2: same", "Step 2: same"]  # ties forever
+
+    judge = ScriptedJudge(lambda c: 1 if c == right[0] else 0)
+    trace = search_chunk([problem], ArithmeticTask(), scripted_proposer(script), judge,
+                         SearchConfig(width=2, max_rollbacks=0))[0]
+    assert trace["status"] == "gave_up" and trace["path"] == [right[0]]
+    assert len(build_pairs([trace], _FakeTok())) == 1
+
+
+def test_a_blank_line_before_the_step_marker_is_not_an_empty_step(tiny):
+    """SmolLM2 sometimes opens a step with a newline: '\nStep 2: ...' was cut to '' (every candidate empty)."""
+    import torch
+
+    from psr.generation import StepBoundaryStopping, cut_at_step_boundary
+
+    assert cut_at_step_boundary("\nStep 2: 3 + 4 = 7.\nStep 3: 7 * 2 = 14.") == "Step 2: 3 + 4 = 7."
+    assert cut_at_step_boundary("\n\n  Step 2: 3 + 4 = 7.") == "Step 2: 3 + 4 = 7."
+    # steps run together on one line (seen in the smoke run's M1) are two steps
+    assert cut_at_step_boundary("Step 1: Add 1 to it. Step 2: Add 3 to it.") == "Step 1: Add 1 to it."
+    _, tok = tiny
+    prompt = tok("Question?", add_special_tokens=False)["input_ids"]
+    stop = StepBoundaryStopping(tok, len(prompt))
+
+    def done(text):
+        ids = torch.tensor([prompt + tok(text, add_special_tokens=False)["input_ids"]])
+        return bool(stop(ids, None)[0])
+
+    assert not done("\nStep 2: 3 + 4")  # the step has only begun
+    assert done("\nStep 2: 3 + 4 = 7.\nStep 3:")
 
 
 def test_judge_in_search_scores_every_judged_step_ties_included_against_random():
@@ -194,7 +295,8 @@ def test_judge_in_search_scores_every_judged_step_ties_included_against_random()
                           event([False, False, False, False], None),  # none right, tie: rolled back
                           event([True, False, False, False], None)]},  # mixed, tie: nothing kept
               {"events": [{"candidate_correct": None, "best": None}]}]  # no truth: not counted
-    assert judge_in_search(traces) == {"steps": 6, "no_right_candidate": 0.3333, "ties": 0.3333, "mixed_steps": 3,
+    assert judge_in_search(traces) == {"steps": 6, "no_right_candidate": 0.3333, "unverifiable_candidates": 0.0,
+                                       "ties": 0.3333, "mixed_steps": 3,
                                        "kept_right_when_mixed": 0.3333, "random_right_when_mixed": 0.3333}
     assert judge_in_search([{"events": []}]) is None
 
@@ -233,7 +335,7 @@ def test_logits_judge_prefix_reuse_matches_plain(tiny):
     a = torch.tensor(list(reuse.order_scores.values()))
     b = torch.tensor(list(plain.order_scores.values()))
     assert torch.allclose(a, b, atol=2e-4)
-    summed = StepJudge(model, tok, JudgeConfig(aggregation="sum")).compare(items)[0]
+    summed = StepJudge(model, tok, JudgeConfig(aggregation="sum", tie_margin=0.0)).compare(items)[0]
     assert all(summed.wins[i][j] + summed.wins[j][i] == 1 for i in range(4) for j in range(4) if i != j)
 
 
@@ -269,7 +371,7 @@ def test_generate_judge_counts_unparseable_without_crashing(tiny):
 
 def _tiny_search_cfg(out, **kw):
     cfg = dict(model="tiny-random", limit=4, chunk_size=2, width=3, max_steps=3, max_step_tokens=12,
-               judge={"aggregation": "sum"}, out=str(out), seed=7)
+               judge={"aggregation": "sum", "tie_margin": 0.0}, out=str(out), seed=7)  # tiny-random judges at chance
     cfg.update(kw)
     from psr.config import from_dict
 
@@ -338,7 +440,7 @@ def test_two_process_search_equals_single_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     args = ["search", "--model", "tiny-random", "--limit", "6", "--width", "3", "--seed", "3", "--config",
             str(tmp_path / "c.yaml")]
-    (tmp_path / "c.yaml").write_text("chunk_size: 2\nmax_steps: 2\nmax_step_tokens: 10\njudge:\n  aggregation: sum\n")
+    (tmp_path / "c.yaml").write_text("chunk_size: 2\nmax_steps: 2\nmax_step_tokens: 10\njudge:\n  aggregation: sum\n  tie_margin: 0.0\n")
     single = subprocess.run([sys.executable, "-m", "psr.cli", *args, "--out", str(tmp_path / "one")], env=env,
                             capture_output=True, text=True, cwd=ROOT)
     assert single.returncode == 0, single.stderr[-2000:]

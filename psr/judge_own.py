@@ -1,0 +1,81 @@
+"""The judge on the model's *own* candidate steps: the measure that says whether PSR's pairs carry signal.
+
+Held-out accuracy on synthetic pairs (right step vs a corruption) did not transfer to the model's own
+mistakes. This samples ``width`` candidate next steps from the model after every right prefix of a
+held-out problem's reference solution, labels each with the task's exact step check, and at the
+*mixed* steps (some candidates right, some not) asks how often the judge's best candidate is right,
+against a random pick among the same candidates.
+
+    steps = own_candidates(model, tok, task, problems, width=4)       # sample + label once
+    summary = score_own(StepJudge(model, tok, cfg), steps)            # any judge, same candidates
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from psr.generation import generate
+from psr.sampling import SamplingConfig
+from psr.steps import render_prompt
+
+
+def own_candidates(model, tok, task, problems, width: int = 4, sampling: SamplingConfig | None = None,
+                   max_step_tokens: int = 48, batch_size: int = 48, seed: int = 0, progress: bool = True) -> list[dict]:
+    """One row per (problem, right prefix): the candidates the model proposes next and their truth
+    (``True``/``False``/``None`` when the task cannot check a step)."""
+    sampling = sampling or SamplingConfig(policy="edt")
+    items = [(p, p.reference_steps[:k]) for p in problems for k in range(len(p.reference_steps))]
+    torch.manual_seed(seed)
+    prompts = [render_prompt(tok, p.question, prefix) for p, prefix in items]
+    cands = generate(model, tok, prompts, sampling, max_step_tokens, batch_size, num_samples=width,
+                     stop_at_step=True, desc="own candidates", progress=progress)
+    return [{"problem_id": p.id, "question": p.question, "previous_steps": list(prefix), "candidates": c,
+             "candidate_correct": [task.check_step(p, prefix, x) for x in c]} for (p, prefix), c in zip(items, cands)]
+
+
+def mixed_steps(steps: list[dict]) -> list[dict]:
+    """Steps where at least one candidate is right and at least one is not (unverifiable = not right)."""
+    return [s for s in steps if any(c is True for c in s["candidate_correct"])
+            and not all(c is True for c in s["candidate_correct"])]
+
+
+def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson interval of a proportion k/n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (round(centre - half, 4), round(centre + half, 4))
+
+
+def score_own(judge, steps: list[dict]) -> dict:
+    """Kept-right share of ``judge`` (an object with ``compare``) at the mixed steps, vs a random pick.
+    A step whose scores are all equal (the search would roll back) counts as not kept right."""
+    mixed = mixed_steps(steps)
+    comps = judge.compare([(s["question"], s["previous_steps"], s["candidates"]) for s in mixed]) if mixed else []
+    kept, ties, diffs = 0, 0, []
+    for s, comp in zip(mixed, comps):
+        right = [c is True for c in s["candidate_correct"]]
+        random_share = sum(right) / len(right)
+        if max(comp.scores) == min(comp.scores):
+            ties += 1
+            hit = 0
+        else:
+            hit = int(right[max(range(len(right)), key=lambda i: (comp.scores[i], -i))])
+        kept += hit
+        diffs.append(hit - random_share)
+    n = len(mixed)
+    random_right = sum(sum(c is True for c in s["candidate_correct"]) / len(s["candidate_correct"]) for s in mixed)
+    mean = sum(diffs) / n if n else 0.0
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else 0.0
+    return {
+        "steps": len(steps), "mixed_steps": n,
+        "kept_right": round(kept / n, 4) if n else None, "kept_right_interval": wilson(kept, n),
+        "random_right": round(random_right / n, 4) if n else None,
+        # paired per step: kept (0/1) minus the random pick's chance; z >= 2 means better than random
+        "gain_over_random": round(mean, 4), "gain_z": round(mean / (sd / math.sqrt(n)), 2) if n > 1 and sd else None,
+        "ties": round(ties / n, 4) if n else None,
+    }

@@ -1,0 +1,161 @@
+"""The step judge and the SRLM rubric scorer: prefix reuse equals plain scoring, float32 scores, the tie margin."""
+
+import copy
+import random
+from itertools import permutations
+
+import pytest
+import torch
+
+from psr.judge import JudgeConfig, StepJudge, common_prefix_length
+from psr.search import SearchConfig, search_chunk
+from psr.tasks import ArithmeticTask
+
+QUESTION = "Mia has 19 apples. She gives away 5 apples and then buys 7 more. How many apples does she have now?"
+# Candidates that leave each other at different token positions: late (14 vs 13 in the result, or only
+# the tail), early (prose vs an equation), in the middle (+ vs -).
+CANDIDATES = [
+    "Step 2: 19 - 5 = 14. Mia has 14 apples, so the answer is \\boxed{14}.",
+    "Step 2: 19 + 5 = 24.",
+    "Step 2: Mia gives away 5 apples.",
+    "Step 2: 19 - 5 = 13. Mia has 13 apples, so the answer is \\boxed{13}.",
+    "Step 2: 19 - 5 = 14.",
+    "Step 2: 19 - 5 = 14 apples are left after giving some away.",
+]
+
+
+def test_common_prefix_is_the_minimum_over_rows():
+    rows = [[1, 2, 3, 4, 5], [1, 2, 9, 9, 9], [1, 2, 3, 4, 7]]  # the last row diverges late, the middle one early
+    assert common_prefix_length(rows) == 2
+    assert common_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 3
+    assert common_prefix_length([[5, 6], [7]]) == 0
+
+
+def _p_a(judge, width):
+    return judge.compare([(QUESTION, ["Step 1: Mia starts with 19 apples."], CANDIDATES[:width])])[0].order_scores
+
+
+@pytest.mark.parametrize("width", [3, 4, 5, 6])
+def test_prefix_reuse_gives_the_plain_p_a_for_every_ordered_pair(tiny, width):
+    """Every ordered comparison of a step, scored through the shared-prefix KV cache, equals scoring its
+    own full prompt; before the fix rows that diverged earlier than the last one were scored on
+    another row's tokens."""
+    model, tok = tiny
+    reuse = _p_a(StepJudge(model, tok, JudgeConfig(prefix_reuse=True, batch_size=7)), width)
+    plain = _p_a(StepJudge(model, tok, JudgeConfig(prefix_reuse=False, batch_size=64)), width)
+    assert set(reuse) == set(plain) and len(reuse) == width * (width - 1)
+    for key in plain:
+        assert reuse[key] == pytest.approx(plain[key], abs=1e-4), key
+
+
+@pytest.mark.embedded
+def test_prefix_reuse_matches_plain_on_the_embedded_model():
+    """The same check with the real tokenizer and weights, at width 4 (the experiment's width)."""
+    from psr.models import load_model
+
+    model, tok = load_model("smollm2-135m")
+    judge = StepJudge(model, tok, JudgeConfig(prefix_reuse=True))
+    prompts = [judge.prompt(QUESTION, ["Step 1: Mia starts with 19 apples."], CANDIDATES[i], CANDIDATES[j], True)
+               for i, j in permutations(range(4), 2)]
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    first_divergence = [next(k for k, (x, y) in enumerate(zip(ids[0], r)) if x != y) for r in ids[1:]]
+    assert common_prefix_length(ids) == min(first_divergence) < max(first_divergence)  # rows do diverge apart
+    reuse = _p_a(judge, 4)
+    plain = _p_a(StepJudge(model, tok, JudgeConfig(prefix_reuse=False)), 4)
+    for key in plain:
+        assert reuse[key] == pytest.approx(plain[key], abs=1e-4), key
+
+
+def _aggregate(tok, p_a: dict, width: int, **cfg):
+    judge = StepJudge(None, tok, JudgeConfig(aggregation="sum", **cfg))
+    orders = list(permutations(range(width), 2))
+    return judge._aggregate(width, orders, [p_a[o] for o in orders], logits=True)
+
+
+def test_sum_aggregation_ties_a_judge_at_chance_even_at_even_widths(tiny):
+    """A judge with only a position bias (P(A) = 0.8 whatever it reads, plus noise) has no preference.
+    Without a margin every pair gets a winner, so at width 4 the scores can never all be equal and the
+    tie rule could not fire; with the default margin its comparisons stay undecided and the step ties."""
+    _, tok = tiny
+    rng = random.Random(0)
+    for _ in range(20):
+        chance = {o: 0.8 + rng.uniform(-0.02, 0.02) for o in permutations(range(4), 2)}
+        assert len(set(_aggregate(tok, chance, 4, tie_margin=0.0).scores)) > 1  # the old rule: never a tie
+        tied = _aggregate(tok, chance, 4)
+        assert len(set(tied.scores)) == 1 and tied.scores == [0, 0, 0, 0]
+    # A judge that does prefer candidate 2 (both orders) still separates it.
+    clear = {(i, j): 0.9 if i == 2 else (0.1 if j == 2 else 0.5) for i, j in permutations(range(4), 2)}
+    assert _aggregate(tok, clear, 4).scores == [0, 0, 3, 0]
+    with pytest.raises(ValueError, match="tie_margin"):
+        JudgeConfig(tie_margin=1.5)
+
+
+def test_search_with_a_chance_judge_rolls_back_and_reports_its_ties(tiny):
+    from psr.pairs import build_pairs, pair_stats
+
+    _, tok = tiny
+    rng = random.Random(1)
+
+    class ChanceJudge:
+        def compare(self, items):
+            return [_aggregate(tok, {o: 0.5 + rng.uniform(-0.03, 0.03) for o in permutations(range(len(c)), 2)},
+                               len(c)) for _, _, c in items]
+
+    problem = ArithmeticTask().problems("train", 4)[0]
+    propose = lambda items: [[f"Step {len(p) + 1}: {k} + 1 = {k + 1}." for k in range(4)] for _, p in items]  # noqa: E731
+    trace = search_chunk([problem], ArithmeticTask(), propose, ChanceJudge(), SearchConfig(width=4, max_rollbacks=2))[0]
+    assert trace["status"] == "gave_up" and trace["rollbacks"] == 3
+    stats = pair_stats([trace], build_pairs([trace], tok))
+    assert stats["ties"] == 3 and stats["tie_rate"] == 1.0 and stats["pairs"] == 0
+
+
+def test_srlm_rubric_scores_bf16_models_in_float32(tiny):
+    """The SRLM scorer reads its digit probabilities as the step judge reads its letters: float32, from
+    the last hidden state (it read bf16-rounded logits of the whole vocabulary)."""
+    from psr.srlm import RubricJudge
+
+    model, tok = tiny
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    items = [("What is 5 - 2?", "Step 1: 5 - 2 = 3. The answer is \\boxed{3}."), ("What is 5 - 2?", "Step 1: 7.")]
+    judge = RubricJudge(bf16, tok, batch_size=1)
+    scores, unparseable = judge.score(items)
+    expected = []
+    with torch.no_grad():
+        for q, r in items:
+            ids = tok(judge._prompt(q, r, True), return_tensors="pt", add_special_tokens=False)
+            hidden = bf16.get_decoder()(**ids).last_hidden_state[0, -1].double()
+            probs = torch.softmax(bf16.get_output_embeddings().weight[judge.digit_ids].double() @ hidden, dim=-1)
+            expected.append((probs * torch.arange(6.0, dtype=torch.float64)).sum().item())
+    assert unparseable == 0 and scores == pytest.approx(expected, abs=1e-5)
+
+
+def test_judge_on_its_own_candidates_against_a_random_pick(tiny):
+    """own_candidates samples and labels the model's next steps after each right prefix; score_own counts
+    how often a judge keeps a right one at mixed steps. A judge that knows the truth keeps one every time."""
+    from psr.judge import Comparison
+    from psr.judge_own import mixed_steps, own_candidates, score_own, wilson
+
+    model, tok = tiny
+    task = ArithmeticTask(min_steps=2, max_steps=3)
+    problems = task.problems("test", 2, seed=1)
+    steps = own_candidates(model, tok, task, problems, width=3, max_step_tokens=8, progress=False)
+    assert len(steps) == sum(len(p.reference_steps) for p in problems)
+    assert all(len(s["candidates"]) == 3 and len(s["candidate_correct"]) == 3 for s in steps)
+    # tiny-random writes no right step: script the candidates of one step instead
+    p = problems[0]
+    scripted = [{"question": p.question, "previous_steps": [], "candidates": ["Step 1: x", p.reference_steps[0], "Step 1: y"],
+                 "candidate_correct": [None, True, False]}] * 4 + steps
+
+    class Oracle:
+        def compare(self, items):
+            out = []
+            for _, prev, cands in items:
+                r = [task.check_step(p, prev, c) is True for c in cands]
+                wins = [[int(r[i] and not r[j]) for j in range(len(r))] for i in range(len(r))]
+                out.append(Comparison({}, wins, [sum(w) for w in wins], 0))
+            return out
+
+    summary = score_own(Oracle(), scripted)
+    assert summary["mixed_steps"] == len(mixed_steps(scripted)) >= 4
+    assert summary["kept_right"] == 1.0 and summary["random_right"] < 1.0 and summary["gain_over_random"] > 0
+    assert wilson(5, 10) == (0.2366, 0.7634)
