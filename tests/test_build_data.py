@@ -1,0 +1,157 @@
+"""IFT by step segmentation and EFT from the model's own search: annotation, filtering, balancing, bad rows."""
+
+import json
+import random
+
+import pytest
+
+from conftest import GSM8K, MATH500, needs_shared
+from psr.build_eft import BuildEFTConfig, annotate, ending, eft_rows, rollout_labels, run_build_eft, search_chunk, select_pairs
+from psr.build_ift import BuildIFTConfig, math_reference_steps, run_build_ift
+from psr.config import ConfigError
+from psr.files import read_jsonl
+from psr.steps import STEP_MARKER_RE, has_final_answer
+from psr.tasks import ArithmeticTask, DataError, TaskConfig
+
+
+# ---- IFT ---------------------------------------------------------------------------------------
+def test_math_solutions_become_steps_with_the_boxed_answer_last():
+    solution = ("We have $x = 2$. So the value is $2 \\cdot 3 = 6$.\n\n[asy]\ndraw((0,0)--(1,1));\n[/asy]\n\n"
+                "Thus $y = 6$, since y equals the value.\n\nTherefore the answer is $\\boxed{6}$.The answer is: 6")
+    steps = math_reference_steps(solution)
+    assert all(STEP_MARKER_RE.match(s) for s in steps) and [s.split(":")[0] for s in steps] == [f"Step {i}" for i in range(1, 4)]
+    assert has_final_answer(steps[-1]) and "asy" not in " ".join(steps) and "The answer is: 6" not in steps[-1]
+    assert len(math_reference_steps("It is $\\frac{1}{2}$ of 4, so it is 2.\n\nSo \\boxed{2}.")) == 1  # a fragment joins
+
+
+def test_build_ift_counts_what_it_skips(tmp_path):
+    data = tmp_path / "gsm.jsonl"
+    rows = [{"question": "Tom has 3 apples and buys 2. How many?", "answer": "3 + 2 = <<3+2=5>>5\n#### 5"},
+            {"question": "", "answer": "#### 1"},
+            {"question": "No gold?", "answer": "It is 4."},
+            {"question": "Long?", "answer": "\n".join(f"{i} + 1 = {i + 1}" for i in range(30)) + "\n#### 30"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stats = run_build_ift(BuildIFTConfig(task=TaskConfig(name="gsm8k", data=str(data)), out=str(tmp_path / "ift.jsonl")))
+    assert stats["rows"] == 1 and stats["skipped"] == {"missing or empty field 'question'": 1,
+                                                        "no '#### <answer>' line": 1, "more than 20 steps": 1}
+    (row,) = read_jsonl(tmp_path / "ift.jsonl")
+    assert row["steps"] == ["Step 1: 3 + 2 = 5 The answer is \\boxed{5}."] and row["answer"] == "5"
+    data.write_text(json.dumps(rows[0]) + "\nnot json\n")
+    with pytest.raises(DataError, match="gsm.jsonl:2: not valid JSON"):
+        run_build_ift(BuildIFTConfig(task=TaskConfig(name="gsm8k", data=str(data)), out=str(tmp_path / "x.jsonl")))
+
+
+@needs_shared
+def test_build_ift_on_real_gsm8k_and_math_rows_feeds_init(tmp_path, tiny):
+    from psr.train.sft import read_ift_file
+
+    _, tok = tiny
+    for name, data in (("gsm8k", GSM8K), ("math", MATH500)):
+        out = tmp_path / f"{name}.jsonl"
+        stats = run_build_ift(BuildIFTConfig(task=TaskConfig(name=name, data=str(data)), limit=20, out=str(out)))
+        assert stats["rows"] == 20 and 1 < stats["mean_steps"] < 20
+        rows = read_ift_file(str(out), tok)  # init reads what build-ift writes
+        assert len(rows) == 20 and all(has_final_answer(r["completion"].strip().splitlines()[-1]) for r in rows)
+
+
+# ---- EFT ---------------------------------------------------------------------------------------
+@pytest.fixture
+def problem():
+    return ArithmeticTask(min_steps=3, max_steps=3).problems("train", 1)[0]
+
+
+def _script(problem, wrong_at_first=False):
+    """Candidates: the reference step, two wrong ones, and a prose step the task cannot check."""
+    ref = problem.reference_steps
+
+    def propose(items, k):
+        out = []
+        for _, prefix in items:
+            n = len(prefix)
+            right = ref[n]
+            cands = [f"Step {n + 1}: 1 + 1 = 3.", f"Step {n + 1}: Let me think.", f"Step {n + 1}: 2 * 2 = 5.", right]
+            if wrong_at_first and n == 0:
+                cands[3] = f"Step {n + 1}: 9 - 1 = 7."
+            out.append(cands[:k])
+        return out
+
+    return propose
+
+
+def test_eft_search_extends_along_right_steps_and_falls_back_to_the_reference(problem):
+    task = ArithmeticTask(min_steps=3, max_steps=3)
+    cfg = BuildEFTConfig(width=4, annotator="exact")
+    steps = search_chunk([problem], _script(problem, wrong_at_first=True), annotate(task, cfg), cfg, random.Random(0))
+    assert [s["step_index"] for s in steps] == [0, 1, 2]
+    assert steps[0]["labels"] == [False, None, False, False] and steps[0]["pairs"] == []  # no right candidate ...
+    assert steps[1]["previous_steps"] == problem.reference_steps[:1]  # ... so the reference step carries on
+    assert steps[2]["labels"] == [False, None, False, True] and sorted(steps[2]["pairs"]) == [(3, 0), (3, 2)]
+
+
+def test_pairs_are_right_vs_wrong_balanced_and_in_both_orders(problem):
+    task = ArithmeticTask(min_steps=3, max_steps=3)
+    cfg = BuildEFTConfig(width=4, pairs_per_step=1)
+    steps = search_chunk([problem] * 5, _script(problem), annotate(task, cfg), cfg, random.Random(0))
+    pairs = select_pairs(steps, cfg, random.Random(0))
+    assert len(pairs) == 15  # one per step, 3 steps x 5 problems
+    for p in pairs:
+        assert task.check_step(problem, p["previous_steps"], p["right"]) is True
+        assert task.check_step(problem, p["previous_steps"], p["wrong"]) is False  # never the unverifiable prose
+    capped = select_pairs(steps, BuildEFTConfig(width=4, pairs_per_step=1, max_pairs=6), random.Random(0))
+    by_group = {}
+    for p in capped:  # round-robin over (step index, ending): no group takes more than its share
+        key = (p["step_index"], ending(p["right"], p["wrong"]))
+        by_group[key] = by_group.get(key, 0) + 1
+    assert len(capped) == 6 and max(by_group.values()) - min(by_group.values()) <= 1 and len(by_group) == 3
+    rows = eft_rows(capped, cfg, random.Random(0))
+    assert len(rows) == 12 and [r["verdict"] for r in rows[:4]] == ["A", "B", "A", "B"]
+    assert rows[0]["step_a"] == rows[1]["step_b"] and rows[0]["step_b"] == rows[1]["step_a"]  # adjacent orders
+    two = select_pairs(steps, BuildEFTConfig(width=4, pairs_per_step=2), random.Random(0))
+    assert len(two) == 30 and len({(p["problem_id"], p["step_index"], p["wrong"]) for p in two[:2]}) == 2
+
+
+def test_rollout_annotator_estimates_from_completions_that_reach_the_gold(problem):
+    """Math-Shepherd's estimate with scripted completions: 3/4 reach the gold -> right; 0/4 -> wrong;
+    1/4 -> unsure (below the threshold, not used); a boxed step is checked directly."""
+    ref, gold = problem.reference_steps, problem.gold
+    finish = "\n".join(ref[1:])
+    good_end, bad_end = finish, finish.replace(f"\\boxed{{{gold}}}", "\\boxed{-1}")
+    seen = []
+
+    def complete(items, k):
+        seen.extend(items)
+        out = []
+        for _, steps in items:
+            last = steps[-1]
+            n_good = 3 if last == ref[0] else (1 if "7 + 7" in last else 0)
+            out.append([good_end] * n_good + [bad_end] * (k - n_good))
+        return out
+
+    cands = [[ref[0], "Step 1: 7 + 7 = 14.", "Step 1: 1 + 1 = 3.", f"Step 1: The answer is \\boxed{{{gold}}}."]]
+    labels, shares = rollout_labels(ArithmeticTask(), complete, [problem], [[]], cands, BuildEFTConfig(rollouts=4))
+    assert shares == [[0.75, 0.25, 0.0, 1.0]] and labels == [[True, None, False, True]]
+    assert [steps for _, steps in seen] == [[c] for c in cands[0][:3]]  # rollouts start after prefix + step
+
+
+def test_build_eft_end_to_end_on_tiny_random_resumes_and_feeds_init(tmp_path, tiny):
+    from psr.train.sft import read_eft_file
+
+    model, tok = tiny
+    out = tmp_path / "eft.jsonl"
+    cfg = BuildEFTConfig(model="tiny-random", task=TaskConfig(name="arithmetic", min_steps=2, max_steps=2), limit=4,
+                         width=3, max_steps=3, max_step_tokens=8, chunk_size=2, out=str(out))
+    stats = run_build_eft(cfg, model, tok, progress=False)
+    assert stats["problems"] == 4 and stats["steps"] >= 4 and stats["candidates"] == 3 * stats["steps"]
+    first = (tmp_path / "eft.jsonl.steps.jsonl").read_text()
+    (tmp_path / "eft.jsonl.chunks" / "00001.jsonl").unlink()  # a killed build redoes only the lost chunk, the same way
+    run_build_eft(cfg, model, tok, progress=False)
+    assert (tmp_path / "eft.jsonl.steps.jsonl").read_text() == first
+    if stats["rows"]:
+        assert len(read_eft_file(str(out), tok)) == stats["rows"]
+    rollout = BuildEFTConfig(**{**cfg.__dict__, "annotator": "rollout", "rollouts": 2, "rollout_max_new_tokens": 8,
+                                "out": str(tmp_path / "r.jsonl"), "limit": 2})
+    assert run_build_eft(rollout, model, tok, progress=False)["steps"] >= 2
+    with pytest.raises(ConfigError, match="annotator 'exact'"):
+        run_build_eft(BuildEFTConfig(task=TaskConfig(name="gsm8k", data=str(tmp_path / "eft.jsonl")), out=str(out)))
+    with pytest.raises(ValueError, match="annotator_model"):
+        BuildEFTConfig(annotator="model")
