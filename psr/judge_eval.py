@@ -12,11 +12,9 @@ import random
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
-from psr.files import read_jsonl, write_json_atomic
+from psr.files import DataError, iter_jsonl, write_json_atomic
 from psr.judge import JudgeConfig, StepJudge
 from psr.tasks import TaskConfig, make_task
-from psr.tasks.arithmetic import CORRUPTIONS
-from psr.tasks.jsonl import DataError
 
 
 @dataclass
@@ -34,18 +32,14 @@ class JudgeEvalConfig:
 def heldout_step_pairs(task, limit: int, seed: int = 0, split: str = "test") -> list[dict]:
     """Right step vs a corruption of it, at a random step of each held-out problem; corruption kinds cycle."""
     rng = random.Random(f"judge-pairs-{split}-{seed}")
-    rows = []
-    for n, p in enumerate(task.problems(split, limit, seed=seed)):
-        k = rng.randrange(len(p.reference_steps))
-        kind = CORRUPTIONS[n % len(CORRUPTIONS)]
-        rows.append({"question": p.question, "previous_steps": p.reference_steps[:k], "chosen": p.reference_steps[k],
-                     "rejected": task.corrupt_step(p, k, kind, rng), "kind": kind, "step_index": k, "problem_id": p.id})
-    return rows
+    return [{"question": s.problem.question, "previous_steps": s.previous_steps, "chosen": s.chosen,
+             "rejected": s.rejected, "kind": s.kind, "step_index": s.step_index, "problem_id": s.problem.id}
+            for s in task.step_pairs(split, limit, seed, rng, cycle_kinds=True)]
 
 
 def _labelled_pairs(path: str, limit: int | None) -> list[dict]:
     rows = []
-    for lineno, row in enumerate(read_jsonl(path), 1):
+    for lineno, row in iter_jsonl(path):
         for fld in ("chosen", "rejected"):
             if not isinstance(row.get(fld), str):
                 raise DataError(f"{path}:{lineno}: missing field '{fld}'")

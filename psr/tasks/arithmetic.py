@@ -70,6 +70,18 @@ def _step_text(n: int, a, op: str, b, result, final: bool) -> str:
 
 
 @dataclass
+class StepPair:
+    """A right step against a surely wrong one at the same point of a problem (exact truth)."""
+
+    problem: Problem
+    step_index: int  # 0-based: the pair continues ``previous_steps`` = the first ``step_index`` reference steps
+    previous_steps: list[str]
+    chosen: str  # the reference step
+    rejected: str  # a corruption of it that the exact check rejects
+    kind: str  # which corruption
+
+
+@dataclass
 class ArithmeticTask(Task):
     min_steps: int = 2
     max_steps: int = 6
@@ -167,6 +179,26 @@ class ArithmeticTask(Task):
         if boxed is not None:
             ok = ok and k == last and boxed_ok
         return ok
+
+    def step_pairs(self, split: str, n: int, seed: int, rng: random.Random, kinds=CORRUPTIONS,
+                   cycle_kinds: bool = False) -> list[StepPair]:
+        """One pair per problem of ``problems(split, n, seed)``: at a step ``k`` drawn from ``rng``,
+        the reference step against a corruption of it (kind drawn from ``kinds``, or taken in turn with
+        ``cycle_kinds``), redrawn until the exact check rejects it. The one source of judge (EFT),
+        held-out judge-eval and oracle DPO pairs; each caller seeds ``rng`` with its own salt."""
+        pairs = []
+        for i, p in enumerate(self.problems(split, n, seed=seed)):
+            k = rng.randrange(len(p.reference_steps))
+            previous, good = p.reference_steps[:k], p.reference_steps[k]
+            for _ in range(20):
+                kind = kinds[i % len(kinds)] if cycle_kinds else rng.choice(list(kinds))
+                bad = self.corrupt_step(p, k, kind, rng)
+                if bad.strip() != good.strip() and self.check_step(p, previous, bad) is False:
+                    break
+            else:
+                raise RuntimeError(f"could not corrupt step {k} of {p.id}")
+            pairs.append(StepPair(p, k, previous, good, bad, kind))
+        return pairs
 
     def corrupt_step(self, problem: Problem, k: int, kind: str, rng: random.Random) -> str:
         """A surely wrong version of reference step ``k`` (0-based)."""

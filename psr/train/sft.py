@@ -30,7 +30,7 @@ from psr.judge import judge_messages, judge_reply
 from psr.steps import STEP_MARKER_RE, format_solution, render_prompt, step_prefix
 from psr.tasks import DataError, TaskConfig, make_task
 from psr.tasks.arithmetic import CORRUPTIONS, EQUATION_RE, ArithmeticTask
-from psr.tasks.jsonl import _read_rows, gsm8k_reference_steps
+from psr.tasks.jsonl import gsm8k_reference_steps, read_rows
 from psr.train.common import TrainSettings, load_for_training, lora_config, prepare_output, stage_callbacks, train_and_save, trainer_kwargs
 
 WHY_WRONG = {
@@ -80,7 +80,7 @@ def _numbered(steps: list[str]) -> list[str]:
 
 def read_ift_file(path: str, tokenizer, limit: int | None = None) -> list[dict]:
     rows = []
-    for lineno, row in _read_rows(path):
+    for lineno, row in read_rows(path):
         where = f"{path}:{lineno}"
         if "prompt" in row or "completion" in row:
             for fld in ("prompt", "completion"):
@@ -150,32 +150,23 @@ def generate_eft(task: ArithmeticTask, tokenizer, n: int, seed: int = 0, corrupt
     """``n`` judge examples with exact truth: at a random step k of a problem, its reference step
     against a corrupted one, the right one shown first in exactly half of them."""
     n_pairs = (n + 1) // 2 if both_orders else n
-    problems = task.problems(split, n_pairs, seed=seed + 1)
     rng = random.Random(f"eft-{split}-{seed}")
     firsts = [i < (n_pairs + 1) // 2 for i in range(n_pairs)]  # the right step as A in half the pairs
     rng.shuffle(firsts)
     rows = []
-    for p, good_first in zip(problems, firsts):
-        k = rng.randrange(len(p.reference_steps))
-        previous, good = p.reference_steps[:k], p.reference_steps[k]
-        for _ in range(20):
-            kind = rng.choice(list(corruptions))
-            bad = task.corrupt_step(p, k, kind, rng)
-            if bad.strip() != good.strip() and task.check_step(p, previous, bad) is False:
-                break
-        else:
-            raise RuntimeError(f"could not corrupt step {k} of {p.id}")
-        orders = [True, False] if both_orders else [good_first]
-        for first in orders:
+    for pair, good_first in zip(task.step_pairs(split, n_pairs, seed + 1, rng, kinds=corruptions), firsts):
+        p, good, bad = pair.problem, pair.chosen, pair.rejected
+        for first in ([True, False] if both_orders else [good_first]):
             a, b, verdict = (good, bad, "A") if first else (bad, good, "B")
-            rows.append(eft_example(tokenizer, p.question, previous, a, b, verdict, justification(verdict, good, kind),
-                                    with_justification, problem_id=p.id, step_index=k, corruption=kind, source="arithmetic"))
+            rows.append(eft_example(tokenizer, p.question, pair.previous_steps, a, b, verdict,
+                                    justification(verdict, good, pair.kind), with_justification, problem_id=p.id,
+                                    step_index=pair.step_index, corruption=pair.kind, source="arithmetic"))
     return rows[:n]
 
 
 def read_eft_file(path: str, tokenizer, limit: int | None = None, with_justification: bool = False) -> list[dict]:
     rows = []
-    for lineno, row in _read_rows(path):
+    for lineno, row in read_rows(path):
         where = f"{path}:{lineno}"
         for fld in ("question", "step_a", "step_b"):
             if not isinstance(row.get(fld), str) or not row[fld].strip():

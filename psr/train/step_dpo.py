@@ -23,8 +23,7 @@ from typing import Literal
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
-from psr.tasks import DataError
-from psr.tasks.jsonl import _read_rows
+from psr.files import DataError, iter_jsonl
 from psr.train.common import TrainSettings, load_for_training, lora_config, prepare_output, stage_callbacks, train_and_save, trainer_kwargs
 
 log = logging.getLogger(__name__)
@@ -70,7 +69,7 @@ def load_pairs(path: str | Path, need: tuple[str, ...] = REQUIRED) -> list[dict]
     if not path.read_text().strip():
         raise DataError(f"{path}: no pairs (the file is empty)")
     rows = []
-    for lineno, row in _read_rows(str(path)):
+    for lineno, row in iter_jsonl(path):
         for fld in need:
             if fld not in row:
                 raise DataError(f"{path}:{lineno}: missing field '{fld}' (a pair needs {', '.join(need)})")
@@ -140,20 +139,15 @@ def oracle_pairs(tokenizer, n: int, seed: int = 0, split: str = "train", task=No
     import random
 
     from psr.steps import render_prompt
-    from psr.tasks.arithmetic import CORRUPTIONS, ArithmeticTask
+    from psr.tasks.arithmetic import ArithmeticTask
 
     task = task or ArithmeticTask()
     rng = random.Random(f"oracle-{split}-{seed}")
-    rows = []
-    for p in task.problems(split, n, seed=seed):
-        k = rng.randrange(len(p.reference_steps))
-        previous, good = p.reference_steps[:k], p.reference_steps[k]
-        bad = task.corrupt_step(p, k, rng.choice(CORRUPTIONS), rng)
-        rows.append({"prompt": render_prompt(tokenizer, p.question, previous), "chosen": good, "rejected": bad,
-                     "problem_id": p.id, "step_index": k, "question": p.question, "previous_steps": previous,
-                     "chosen_score": 1, "rejected_score": 0, "margin": 1, "round": 0,
-                     "chosen_correct": True, "rejected_correct": task.check_step(p, previous, bad)})
-    return rows
+    return [{"prompt": render_prompt(tokenizer, s.problem.question, s.previous_steps), "chosen": s.chosen,
+             "rejected": s.rejected, "problem_id": s.problem.id, "step_index": s.step_index,
+             "question": s.problem.question, "previous_steps": s.previous_steps, "chosen_score": 1, "rejected_score": 0,
+             "margin": 1, "round": 0, "chosen_correct": True, "rejected_correct": False}
+            for s in task.step_pairs(split, n, seed, rng)]
 
 
 # ---- training --------------------------------------------------------------------------------
