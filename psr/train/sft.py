@@ -24,14 +24,22 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from psr.judge import judge_messages, judge_reply
 from psr.steps import STEP_MARKER_RE, format_solution, render_prompt, step_prefix
 from psr.tasks import DataError, TaskConfig, make_task
 from psr.tasks.arithmetic import CORRUPTIONS, EQUATION_RE, ArithmeticTask
 from psr.tasks.jsonl import gsm8k_reference_steps, read_rows
-from psr.train.common import TrainSettings, load_for_training, lora_config, prepare_output, stage_callbacks, train_and_save, trainer_kwargs
+from psr.train.common import (
+    TrainSettings,
+    build_trainer_arguments,
+    load_for_training,
+    lora_config,
+    prepare_output,
+    stage_callbacks,
+    train_and_save,
+)
 
 WHY_WRONG = {
     "wrong_result": "its arithmetic is wrong",
@@ -46,20 +54,25 @@ WHY_WRONG = {
 class InitConfig(TrainSettings):
     """``psr init``: M0 -> M1. Paper (7B): 3 epochs, lr 1e-6, batch 32, full fine-tuning."""
 
+    trainer_config: ClassVar[str] = "trl:SFTConfig"
+
     task: TaskConfig = field(default_factory=TaskConfig)
     ift_examples: int | None = 400  # built-in task: how many to generate; files: a limit (null = all rows)
-    eft_examples: int | None = 400
+    eft_examples: int | None = 400  # judge examples: built-in task: how many to generate; files: a limit
     ift_data: str | None = None  # JSONL (or hub id for GSM8K-style rows) instead of the task's own solutions
     eft_data: str | None = None  # JSONL of judge examples instead of generated ones
     eft_justification: bool = False  # off: the reply is just "Verdict: [[X]]" (what logits-mode judging reads)
     eft_both_orders: bool = False  # each generated pair twice, (good, bad) and (bad, good)
-    corruptions: list[str] = field(default_factory=lambda: list(CORRUPTIONS))
+    corruptions: list[str] = field(default_factory=lambda: list(CORRUPTIONS))  # kinds of wrong step in generated EFT
     # mixed: IFT and EFT rows shuffled together. grouped: every batch is all IFT or all EFT, and an EFT
     # pair's two orders share a batch, so a pure position bias gets no net gradient (batch order shuffled).
     batching: Literal["mixed", "grouped"] = "mixed"
-    data_seed: int = 0
+    data_seed: int = 0  # which problems and corruptions are generated, and the order of the rows
     learning_rate: float = 1e-5
     epochs: float = 3.0
+
+    def trainer_arguments(self):
+        return sft_args(self)
 
     def __post_init__(self):
         super().__post_init__()
@@ -226,7 +239,8 @@ def sft_args(cfg: InitConfig):
     from trl import SFTConfig
 
     extra = {"train_sampling_strategy": "sequential"} if cfg.batching == "grouped" else {}
-    return SFTConfig(**trainer_kwargs(cfg), max_length=cfg.max_length, completion_only_loss=True, packing=False, **extra)
+    return build_trainer_arguments(cfg, SFTConfig, max_length=cfg.max_length, completion_only_loss=True, packing=False,
+                                   **extra)
 
 
 def build_trainer(cfg: InitConfig, callbacks: list | None = None):

@@ -18,13 +18,21 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
 from psr.files import DataError, iter_jsonl
-from psr.train.common import TrainSettings, load_for_training, lora_config, prepare_output, stage_callbacks, train_and_save, trainer_kwargs
+from psr.train.common import (
+    TrainSettings,
+    build_trainer_arguments,
+    load_for_training,
+    lora_config,
+    prepare_output,
+    stage_callbacks,
+    train_and_save,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +44,11 @@ class StepDPOConfig(TrainSettings):
     """``psr train``: one round of step-wise DPO. Paper: full fine-tuning, 1 epoch, lr 5e-7, batch 32;
     Step-DPO used beta 0.4-0.5."""
 
+    trainer_config: ClassVar[str] = "trl:DPOConfig"
+
     pairs: str = "pairs.jsonl"  # the round's pairs file
     ref_model: str | None = None  # the reference policy; default: the starting model (``model``)
-    beta: float = 0.4
+    beta: float = 0.4  # DPO's strength of the pull towards the reference (Step-DPO: 0.4-0.5)
     learning_rate: float = 1e-6
     epochs: float = 1.0
     max_length: int | None = 1024  # prompt + step tokens
@@ -49,6 +59,9 @@ class StepDPOConfig(TrainSettings):
     # > 0 adds TRL's "sft" loss (NLL of the chosen step) with this weight, as RPO does: DPO alone may
     # push the chosen step's likelihood down along with the rejected one (seen here at lr 2e-5).
     sft_weight: float = 0.0
+
+    def trainer_arguments(self):
+        return dpo_args(self)
 
     def __post_init__(self):
         super().__post_init__()
@@ -155,8 +168,8 @@ def dpo_args(cfg: StepDPOConfig) -> DPOConfig:
     losses = {"loss_type": [cfg.loss_type]}
     if cfg.sft_weight > 0:
         losses = {"loss_type": [cfg.loss_type, "sft"], "loss_weights": [1.0, cfg.sft_weight]}
-    return DPOConfig(**trainer_kwargs(cfg), beta=cfg.beta, max_length=cfg.max_length,
-                     precompute_ref_log_probs=cfg.precompute_ref_log_probs, **losses)
+    return build_trainer_arguments(cfg, DPOConfig, beta=cfg.beta, max_length=cfg.max_length,
+                                   precompute_ref_log_probs=cfg.precompute_ref_log_probs, **losses)
 
 
 def build_trainer(cfg: StepDPOConfig, callbacks: list | None = None, trainer_class: type = StepDPOTrainer):
