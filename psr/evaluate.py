@@ -20,18 +20,21 @@ from psr.tasks import TaskConfig, make_task
 
 @dataclass
 class EvalConfig:
-    model: str = "smollm2-135m"
-    task: TaskConfig = field(default_factory=TaskConfig)
-    split: str = "test"
-    limit: int | None = 100
+    """``psr eval``: greedy accuracy, and maj@k / pass@k over ``samples`` sampled solutions."""
+
+    model: str = "smollm2-135m"  # the model: hub id, local directory, or a built-in name (smollm2-135m, tiny-random)
+    task: TaskConfig = field(default_factory=TaskConfig)  # the benchmark's problems
+    split: str = "test"  # arithmetic: train or test; gsm8k/math: ignored (the file is the split)
+    limit: int | None = 100  # problems to evaluate (null: all)
     offset: int = 0  # gsm8k/math: skip the first rows (e.g. those used for training)
-    batch_size: int = 32
-    max_new_tokens: int = 320
+    batch_size: int = 32  # prompts per generate call
+    max_new_tokens: int = 320  # per solution
     samples: int = 0  # k for maj@k / pass@k; 0 = greedy only
+    # how the k samples are drawn (greedy accuracy is always measured too)
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(policy="fixed", temperature=0.7))
-    seed: int = 0
-    dtype: str | None = None
-    out: str | None = None
+    seed: int = 0  # problem selection (arithmetic) and sampling seed
+    dtype: str | None = None  # float32, bfloat16, float16 or auto (null: float32 on CPU, bfloat16 on CUDA)
+    out: str | None = None  # write the result JSON here
 
 
 def _majority(answers: list[str | None]) -> str | None:

@@ -19,14 +19,16 @@ from psr.tasks import TaskConfig, make_task
 
 @dataclass
 class JudgeEvalConfig:
-    model: str = "smollm2-135m"
-    task: TaskConfig = field(default_factory=TaskConfig)
+    """``psr judge-eval``: the model as a pairwise step judge on held-out right-vs-wrong step pairs."""
+
+    model: str = "smollm2-135m"  # the model: hub id, local directory, or a built-in name (smollm2-135m, tiny-random)
+    task: TaskConfig = field(default_factory=TaskConfig)  # built-in pairs: the arithmetic task's test split
     pairs_file: str | None = None  # labelled pairs (prompt/chosen/rejected, chosen = right); else built-in pairs
-    limit: int | None = 200
-    judge: JudgeConfig = field(default_factory=JudgeConfig)
-    seed: int = 0
-    dtype: str | None = None
-    out: str | None = None
+    limit: int | None = 200  # pairs to judge (null: all of pairs_file; 200 built-in ones)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)  # how the judge is asked and its verdicts combined
+    seed: int = 0  # which held-out pairs
+    dtype: str | None = None  # float32, bfloat16, float16 or auto (null: float32 on CPU, bfloat16 on CUDA)
+    out: str | None = None  # write the result JSON here
 
 
 def heldout_step_pairs(task, limit: int, seed: int = 0, split: str = "test") -> list[dict]:

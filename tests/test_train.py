@@ -284,10 +284,10 @@ def test_cli_init_train_eval_quick_forms(tmp_path, capsys, tok):
 
 
 def test_recipes_and_bad_configs(tmp_path):
-    for name in ("smollm2/init.yaml", "tiny/init.yaml"):
+    for name in ("smollm2/init/config_full.yaml", "tiny/init/config_tiny.yaml"):
         cfg = load_config(InitConfig, ROOT / "recipes" / name)
         assert cfg.ift_examples and cfg.eft_examples
-    for name in ("smollm2/train.yaml", "tiny/train.yaml"):
+    for name in ("smollm2/train/config_full.yaml", "tiny/train/config_tiny.yaml"):
         cfg = load_config(StepDPOConfig, ROOT / "recipes" / name)
         assert cfg.beta > 0
     bad = tmp_path / "bad.yaml"
@@ -300,13 +300,13 @@ def test_recipes_and_bad_configs(tmp_path):
 
 
 def test_tiny_recipes_run_end_to_end(tmp_path):
-    """recipes/tiny/*.yaml as `psr init` / `psr train` run them (outputs redirected to tmp)."""
+    """recipes/tiny/{init,train}/config_tiny.yaml as `psr init` / `psr train` run them (outputs redirected to tmp)."""
     m1 = tmp_path / "init"
-    assert main(["init", "--config", str(ROOT / "recipes/tiny/init.yaml"), "--out", str(m1)]) == 0
+    assert main(["init", "--config", str(ROOT / "recipes/tiny/init/config_tiny.yaml"), "--out", str(m1)]) == 0
     tok = load_tokenizer(str(m1))
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in oracle_pairs(tok, 8)))
-    assert main(["train", "--config", str(ROOT / "recipes/tiny/train.yaml"), "--model", str(m1), "--pairs", str(pairs),
+    assert main(["train", "--config", str(ROOT / "recipes/tiny/train/config_tiny.yaml"), "--model", str(m1), "--pairs", str(pairs),
                  "--out", str(tmp_path / "round_1")]) == 0
     assert (tmp_path / "round_1" / "model.safetensors").exists()
 

@@ -20,7 +20,7 @@ class SamplingConfig:
     """``greedy``; ``fixed`` temperature + top-p; or ``edt`` (entropy-based dynamic temperature,
     T = t0 * n ** (theta / H) per row, then top-p)."""
 
-    policy: Literal["greedy", "fixed", "edt"] = "greedy"
+    policy: Literal["greedy", "fixed", "edt"] = "greedy"  # greedy decoding, fixed temperature, or EDT
     temperature: float = 0.7  # fixed
     top_p: float = 0.95  # fixed and edt
     t0: float = 0.8  # edt: upper bound of the temperature
