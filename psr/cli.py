@@ -200,8 +200,8 @@ def cmd_init(cfg, args) -> int:
 
     result = run_init(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
-        _print_train_result(result, cfg.out, f"init (IFT {result['examples']['ift']} + EFT {result['examples']['eft']}, "
-                                             f"{world_size()} process(es))")
+        n = result["examples"]
+        _print_train_result(result, cfg.out, f"init (IFT {n['ift']} + EFT {n['eft']}, {world_size()} process(es))")
     return 0
 
 
@@ -242,7 +242,8 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
                            usage=f"psr {name} [-h] [--config FILE] [--FIELD VALUE ...]")
         p.set_defaults(func=RUNNERS[name], mappings=[])
         if name == "iterate":
-            p.add_argument("--config", required=True, help="the run's YAML recipe (recipes/<model>/iterate/config_*.yaml)")
+            p.add_argument("--config", required=True,
+                           help="the run's YAML recipe (recipes/<model>/iterate/config_*.yaml)")
             p.add_argument("--run", help="run folder (default runs/<name>)")
             p.add_argument("--restart-from", metavar="STAGE", help="redo from this stage on, e.g. psr/round_1/search; "
                            "config changes used only from there on are accepted with it")

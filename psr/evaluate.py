@@ -69,7 +69,8 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
     sampled = None
     if cfg.samples > 0:
         sampled = generate(model, tokenizer, prompts, cfg.sampling, cfg.max_new_tokens, cfg.batch_size,
-                           num_samples=cfg.samples, seed=cfg.seed, desc=f"eval {cfg.samples} samples", progress=progress)
+                           num_samples=cfg.samples, seed=cfg.seed, desc=f"eval {cfg.samples} samples",
+                           progress=progress)
     seconds = time.perf_counter() - started
 
     rows, by_difficulty = [], defaultdict(list)
@@ -99,7 +100,8 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
         "model": cfg.model, "task": cfg.task.name, "split": cfg.split,
         **summary(rows),
         "by_difficulty": {k: summary(v) for k, v in sorted(by_difficulty.items())} if len(by_difficulty) > 1 else {},
-        "throughput": {"seconds": round(seconds, 2), "problems_per_minute": round(60 * len(rows) / max(seconds, 1e-9), 2),
+        "throughput": {"seconds": round(seconds, 2),
+                       "problems_per_minute": round(60 * len(rows) / max(seconds, 1e-9), 2),
                        "batch_size": cfg.batch_size, "device": str(model.device)},
         "config": asdict(cfg),
         "problems": rows,
@@ -111,7 +113,8 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
 
 def format_table(result: dict) -> str:
     """A short plain-text table of the summary."""
-    cols = ["accuracy"] + [k for k in result if k.startswith(("maj@", "pass@"))] + (["sample_accuracy"] if "sample_accuracy" in result else [])
+    cols = ["accuracy"] + [k for k in result if k.startswith(("maj@", "pass@"))]
+    cols += ["sample_accuracy"] if "sample_accuracy" in result else []
     lines = [f"{'group':<12} {'n':>5} " + " ".join(f"{c:>15}" for c in cols)]
     groups = list(result.get("by_difficulty", {}).items()) + [("all", result)]
     for name, s in groups:

@@ -47,8 +47,9 @@ def _labelled_pairs(path: str, limit: int | None) -> list[dict]:
                 raise DataError(f"{path}:{lineno}: missing field '{fld}'")
         if "question" not in row and "prompt" not in row:
             raise DataError(f"{path}:{lineno}: missing field 'question' (or 'prompt')")
-        rows.append({"question": row.get("question", row.get("prompt")), "previous_steps": row.get("previous_steps", []),
-                     "chosen": row["chosen"], "rejected": row["rejected"], "kind": row.get("kind", "labelled")})
+        rows.append({"question": row.get("question", row.get("prompt")),
+                     "previous_steps": row.get("previous_steps", []), "chosen": row["chosen"],
+                     "rejected": row["rejected"], "kind": row.get("kind", "labelled")})
     return rows[:limit] if limit else rows
 
 

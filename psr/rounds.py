@@ -72,7 +72,8 @@ class RunConfig:
     problems_per_round: int = 32  # search problems per round (new problems every round)
     task: TaskConfig = field(default_factory=TaskConfig)  # where the search's problems come from
     init: InitConfig = field(default_factory=InitConfig)  # model/out/task/seed/data_seed are set by the loop
-    search: SearchConfig = field(default_factory=SearchConfig)  # model/out/task/limit/seed/round/method: set by the loop
+    # model/out/task/limit/seed/round/method are set by the loop
+    search: SearchConfig = field(default_factory=SearchConfig)
     train: StepDPOConfig = field(default_factory=StepDPOConfig)  # model/out/pairs/seed: set by the loop
     # held-out benchmarks, evaluated after every stage that makes a model (on the command line: a YAML list)
     benchmarks: list[BenchmarkConfig] = field(default_factory=lambda: [BenchmarkConfig()])
@@ -139,9 +140,10 @@ def eval_stage(cfg: RunConfig, model_dir_of, out_dir: Path, rank: int):
             summary["benchmarks"][b.name] = entry
         if cfg.judge_eval_limit:
             model, tok = loaded.get(None) or load_model(model_name)
-            j = judge_eval(JudgeEvalConfig(model=model_name, task=cfg.task if cfg.task.name == "arithmetic" else TaskConfig(),
-                                           limit=cfg.judge_eval_limit, judge=cfg.search.judge, seed=cfg.seed,
-                                           out=str(out_dir / "judge_eval.json")), model, tok)
+            task = cfg.task if cfg.task.name == "arithmetic" else TaskConfig()
+            jcfg = JudgeEvalConfig(model=model_name, task=task, limit=cfg.judge_eval_limit, judge=cfg.search.judge,
+                                   seed=cfg.seed, out=str(out_dir / "judge_eval.json"))
+            j = judge_eval(jcfg, model, tok)
             summary["judge"] = {k: v for k, v in j.items() if k not in ("pairs", "config")}
         write_json_atomic(out_dir / "eval.json", summary)
         return {"model": model_name}
@@ -200,7 +202,8 @@ def plan(cfg: RunConfig, run_dir: Path, rank: int = 0) -> list[Stage]:
     """Every stage of the run, in order."""
     stages = []
     if cfg.eval_m0:
-        stages.append(Stage("m0/eval", "eval", run_dir / "m0", eval_stage(cfg, lambda: cfg.model, run_dir / "m0", rank)))
+        m0 = run_dir / "m0"
+        stages.append(Stage("m0/eval", "eval", m0, eval_stage(cfg, lambda: cfg.model, m0, rank)))
     init_dir = run_dir / "init"
     stages.append(Stage("init/init", "init", init_dir, init_stage(cfg, run_dir)))
     stages.append(Stage("init/eval", "eval", init_dir, eval_stage(cfg, lambda: model_of(init_dir), init_dir, rank)))
@@ -210,7 +213,8 @@ def plan(cfg: RunConfig, run_dir: Path, rank: int = 0) -> list[Stage]:
             d = run_dir / method / f"round_{r}"
             stages.append(Stage(f"{method}/round_{r}/search", "search", d, search_stage(cfg, method, r, start, d)))
             stages.append(Stage(f"{method}/round_{r}/train", "train", d, train_stage(cfg, start, d, rank)))
-            stages.append(Stage(f"{method}/round_{r}/eval", "eval", d, eval_stage(cfg, lambda d=d: model_of(d), d, rank)))
+            stages.append(Stage(f"{method}/round_{r}/eval", "eval", d,
+                                eval_stage(cfg, lambda d=d: model_of(d), d, rank)))
             start = d
     return stages
 
@@ -335,7 +339,8 @@ def iterate(cfg: RunConfig, run_dir: str | Path | None = None, restart_from: str
         info = stage.run() or {}
         barrier()
         if rank == 0:
-            write_json_atomic(stage.marker, {**info, "stage": stage.id, "seconds": round(time.perf_counter() - started, 1),
+            seconds = round(time.perf_counter() - started, 1)
+            write_json_atomic(stage.marker, {**info, "stage": stage.id, "seconds": seconds,
                                              "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")})
         barrier()
         if stop_after and stage.kind == stop_after:

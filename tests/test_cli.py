@@ -41,7 +41,8 @@ def test_help_lists_every_field_with_help(command, capsys):
     names = list(leaf_fields(config_class(command)))
     assert len(names) > 10 and set(actions) == set(names)
     for name in names:
-        assert re.search(rf"(?<![\w.-])--{re.escape(name)}(?![\w.-])", text), f"--{name} missing from psr {command} --help"
+        flag = rf"(?<![\w.-])--{re.escape(name)}(?![\w.-])"
+        assert re.search(flag, text), f"--{name} missing from psr {command} --help"
         doc = actions[name].help.split(" (default: ")[0]
         assert doc.strip(), f"psr {command} --{name} has no help text"
 
@@ -93,7 +94,8 @@ def test_trl_block_reaches_the_trainer_by_trls_names():
                                                          "run_name": "r1", "log_level": "info"}})
     assert cfg.epochs == 3.0 and "num_train_epochs" not in cfg.trl  # TRL's name sets psr's field: one value
     args = cfg.trainer_arguments()
-    assert (args.num_train_epochs, args.optim, args.save_steps, args.run_name, args.beta) == (3.0, "adafactor", 5, "r1", 0.4)
+    got = (args.num_train_epochs, args.optim, args.save_steps, args.run_name, args.beta)
+    assert got == (3.0, "adafactor", 5, "r1", 0.4)
     assert not from_dict(StepDPOConfig, {"trl": {"fp16": True}}).trainer_arguments().bf16
     with pytest.raises(ConfigError, match="trl: .*nope is not a valid"):
         from_dict(StepDPOConfig, {"trl": {"optim": "nope"}})
@@ -153,7 +155,8 @@ def test_config_change_rule_with_and_without_restart(tmp_path):
                                stages, None) == []
     assert check_config_change(stored, change(**{"train.beta": 0.3}), stages, None) == ["train.beta"]
     # a key a finished stage used is refused, naming it and the stage ...
-    with pytest.raises(ConfigError, match=r"\(search.width\).*search.width is used by finished stage psr/round_1/search"):
+    used = "search.width is used by finished stage psr/round_1/search"
+    with pytest.raises(ConfigError, match=rf"\(search.width\).*{used}"):
         check_config_change(stored, change(**{"search.width": 4}), stages, None)
     # ... also when the restart point comes after that stage; accepted when the restart redoes it
     with pytest.raises(ConfigError, match="search.width is used by finished stage psr/round_1/search"):

@@ -1,8 +1,8 @@
 """The loop: tiny recipe end to end, resume after SIGKILL, config-change refusal, report, recipes, SLURM."""
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -63,7 +63,8 @@ def test_tiny_loop_survives_sigkill_and_matches_an_uninterrupted_run(tmp_path):
         time.sleep(0.2)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert (killed_dir / "init" / "init.done").exists() and not (killed_dir / "psr" / "round_1" / "search.done").exists()
+    assert (killed_dir / "init" / "init.done").exists()
+    assert not (killed_dir / "psr" / "round_1" / "search.done").exists()
     resumed = _run(killed_dir)
     out, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, out[-3000:]
@@ -136,18 +137,21 @@ def test_slurm_scripts_parse_and_build_the_launch_command(tmp_path):
     (fake_bin / "scontrol").chmod(0o755)
     env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "PSR_DRY_RUN": "1", "SLURM_NNODES": "2",
            "SLURM_JOB_NODELIST": "gpu-node-[01-02]"}
-    out = subprocess.run(["bash", str(ROOT / "recipes" / "slurm" / "multinode.sbatch"), "recipes/qwen2.5-math-7b/iterate/config_psr.yaml"],
-                         env=env, capture_output=True, text=True, cwd=ROOT)
+    qwen = "recipes/qwen2.5-math-7b/iterate/config_psr.yaml"
+    out = subprocess.run(["bash", str(ROOT / "recipes" / "slurm" / "multinode.sbatch"), qwen], env=env,
+                         capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == (
-        'srun --nodes=2 --ntasks-per-node=1 bash -c "accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml '
+        'srun --nodes=2 --ntasks-per-node=1 bash -c "accelerate launch '
+        "--config_file accelerate_configs/deepspeed_zero3.yaml "
         "--num_machines 2 --num_processes 16 --machine_rank $SLURM_NODEID --main_process_ip gpu-node-01 "
-        '--main_process_port 29500 --rdzv_backend c10d recipes/iterate.py --config recipes/qwen2.5-math-7b/iterate/config_psr.yaml "')
-    out = subprocess.run(["bash", str(ROOT / "recipes" / "slurm" / "stage.sbatch"), "recipes/smollm2/iterate/config_demo.yaml", "search"],
-                         env=env, capture_output=True, text=True, cwd=ROOT)
+        f'--main_process_port 29500 --rdzv_backend c10d recipes/iterate.py --config {qwen} "')
+    demo = "recipes/smollm2/iterate/config_demo.yaml"
+    out = subprocess.run(["bash", str(ROOT / "recipes" / "slurm" / "stage.sbatch"), demo, "search"], env=env,
+                         capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.split() == ["accelerate", "launch", "--config_file", "accelerate_configs/deepspeed_zero3.yaml",
                                   "--num_machines", "1", "--num_processes", "8", "recipes/iterate.py", "--config",
-                                  "recipes/smollm2/iterate/config_demo.yaml", "--stop-after", "search"]
+                                  demo, "--stop-after", "search"]
 
 
 def test_srlm_rounds_then_the_oracle_arm_appended_through_the_loop(tmp_path):
@@ -157,7 +161,7 @@ def test_srlm_rounds_then_the_oracle_arm_appended_through_the_loop(tmp_path):
     recipe = tmp_path / "srlm.yaml"
     recipe.write_text(yaml.safe_dump(data))
     run = iterate(load_config(RunConfig, recipe), tmp_path / "run", progress=False)
-    pairs = [json.loads(l) for l in (run / "srlm" / "round_1" / "pairs.jsonl").open()]
+    pairs = [json.loads(line) for line in (run / "srlm" / "round_1" / "pairs.jsonl").open()]
     assert all(p["kind"] == "solution" and p["method"] == "srlm" for p in pairs)
     summary = json.loads((run / "srlm" / "round_1" / "eval.json").read_text())
     assert 0.0 <= summary["benchmarks"]["arithmetic"]["test_time_search_accuracy"] <= 1.0
@@ -176,10 +180,10 @@ def test_srlm_rounds_then_the_oracle_arm_appended_through_the_loop(tmp_path):
     iterate(load_config(RunConfig, recipe), run, progress=False)
     assert (run / "srlm" / "round_1" / "train.done").read_text() == srlm_done
     assert (run / "oracle" / "round_1" / "eval.done").exists()
-    traces = [json.loads(l) for l in (run / "oracle" / "round_1" / "search.jsonl").open()]
+    traces = [json.loads(line) for line in (run / "oracle" / "round_1" / "search.jsonl").open()]
     for e in (e for t in traces for e in t["events"]):
         right = [c is True for c in e["candidate_correct"]]
         assert e["tie"] == (all(right) or not any(right))  # the task's step check judged, not the model
-    pairs = [json.loads(l) for l in (run / "oracle" / "round_1" / "pairs.jsonl").open()]
+    pairs = [json.loads(line) for line in (run / "oracle" / "round_1" / "pairs.jsonl").open()]
     assert all(p["chosen_correct"] is True and p["rejected_correct"] is False for p in pairs)
     assert "ORACLE round 1" in (run / "report.md").read_text()

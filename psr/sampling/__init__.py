@@ -33,7 +33,8 @@ class SamplingConfig:
         if self.policy == "fixed" and self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 for policy fixed (use policy: greedy), got {self.temperature}")
         if self.policy == "edt" and not (0 < self.n < 1 and self.t0 > 0 and self.theta > 0):
-            raise ValueError(f"edt needs 0 < n < 1, t0 > 0, theta > 0; got n={self.n}, t0={self.t0}, theta={self.theta}")
+            raise ValueError(f"edt needs 0 < n < 1, t0 > 0, theta > 0; "
+                             f"got n={self.n}, t0={self.t0}, theta={self.theta}")
 
     def generate_kwargs(self) -> dict:
         """Keyword arguments for ``model.generate`` implementing this policy."""

@@ -1,9 +1,9 @@
 """Built-in task: seeded multi-step arithmetic word problems whose every step is known.
 
-Each problem is a chain: a starting quantity, then ``n_steps`` operations; each step applies exactly one operation (+, -, *, /) to the running total,
-the first step combining the starting quantity with the first change. Every intermediate
-result is known, so a model's step can be checked exactly, and a right step can be corrupted
-into a surely wrong one (for judge training and evaluation).
+Each problem is a chain: a starting quantity, then ``n_steps`` operations; each step applies exactly
+one operation (+, -, *, /) to the running total, the first step combining the starting quantity with
+the first change. Every intermediate result is known, so a model's step can be checked exactly, and
+a right step can be corrupted into a surely wrong one (for judge training and evaluation).
 
 Train and test never share a problem: a problem's split is decided by a hash of its text.
 """
@@ -91,7 +91,8 @@ class ArithmeticTask(Task):
 
     def __post_init__(self):
         if not 1 <= self.min_steps <= self.max_steps:
-            raise ValueError(f"arithmetic task: need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
+            raise ValueError(f"arithmetic task: need 1 <= min_steps <= max_steps, "
+                             f"got {self.min_steps}, {self.max_steps}")
         if self.max_operand < 2:
             raise ValueError(f"arithmetic task: max_operand must be >= 2, got {self.max_operand}")
 
@@ -240,7 +241,8 @@ class ArithmeticTask(Task):
             if not final:
                 return _step_text(k + 1, a, op, b, result, final=True)
             x = rng.randint(2, 9)
-            return _step_text(k + 1, a, op, b, result, final=False)[:-1] + f", then adding {x}: {_fmt(result)} + {x} = {_fmt(result + x)}."
+            goes_on = f", then adding {x}: {_fmt(result)} + {x} = {_fmt(result + x)}."
+            return _step_text(k + 1, a, op, b, result, final=False)[:-1] + goes_on
         raise ValueError(f"unknown corruption {kind!r}; choose from {CORRUPTIONS}")
 
 

@@ -27,15 +27,14 @@ from transformers import TrainerCallback
 from psr.config import ConfigError, check_value
 from psr.files import write_json_atomic
 
-
 # TRL's name -> psr's field, for the settings psr has a field for (some under a shorter, older name).
 # In a ``trl:`` block the TRL name sets psr's field, so each setting has one value.
 PSR_FIELD_OF = {"num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
                 "activation_checkpointing": "gradient_checkpointing",
-                **{name: name for name in ("learning_rate", "max_steps", "gradient_accumulation_steps", "max_length",
-                                           "lr_scheduler_type", "weight_decay", "max_grad_norm", "gradient_checkpointing",
-                                           "seed", "logging_steps", "report_to", "beta", "precompute_ref_log_probs",
-                                           "loss_type")}}
+                **{name: name for name in (
+                    "learning_rate", "max_steps", "gradient_accumulation_steps", "max_length", "lr_scheduler_type",
+                    "weight_decay", "max_grad_norm", "gradient_checkpointing", "seed", "logging_steps", "report_to",
+                    "beta", "precompute_ref_log_probs", "loss_type")}}
 # TrainingArguments fields psr decides itself; the message says which psr field sets them.
 PSR_OWNED = {"output_dir": "out (the model directory this stage writes)", "loss_weights": "sft_weight"}
 
@@ -176,11 +175,12 @@ def trainer_kwargs(cfg: TrainSettings) -> dict:
         save_strategy="no",
         report_to=[r for r in cfg.report_to if r != "tensorboard"] or "none",  # TensorBoard: our callback, own dir
         disable_tqdm=not cfg.progress,
-        bf16=cuda and cfg.dtype != "float32",  # autocast on CUDA; on a CPU bf16 learns much more slowly (DESIGN.md §5)
+        # autocast on CUDA; on a CPU bf16 learns much more slowly (docs/design.md §3)
+        bf16=cuda and cfg.dtype != "float32",
         use_cpu=not cuda,
         dataloader_num_workers=0,
     )
-    if world_size() > 1:  # only when launched on several processes (DESIGN.md §5)
+    if world_size() > 1:  # only when launched on several processes (docs/design.md §3)
         kwargs["ddp_backend"] = "nccl" if cuda else "gloo"
         kwargs["ddp_find_unused_parameters"] = False
     return kwargs
@@ -278,7 +278,8 @@ def train_log(cfg: TrainSettings, trainer, timer: StepTimer, extra: dict | None 
     }
 
 
-def save_final(trainer, cfg: TrainSettings, tokenizer, log: dict, extra_files: dict[str, list[dict]] | None = None) -> Path:
+def save_final(trainer, cfg: TrainSettings, tokenizer, log: dict,
+               extra_files: dict[str, list[dict]] | None = None) -> Path:
     """Save the trained model (LoRA merged unless ``save_adapter``) with its tokenizer and
     ``train_log.json`` into a hidden partial directory, then rename it to ``cfg.out``."""
     out = Path(cfg.out)

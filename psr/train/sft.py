@@ -80,7 +80,8 @@ class InitConfig(TrainSettings):
         if bad or not self.corruptions:
             raise ValueError(f"corruptions: choose from {list(CORRUPTIONS)}, got {self.corruptions}")
         if self.batching == "grouped" and self.eft_both_orders and self.batch_size % 2:
-            raise ValueError("batching: grouped with eft_both_orders needs an even batch_size (both orders in one batch)")
+            raise ValueError("batching: grouped with eft_both_orders needs an even batch_size "
+                             "(both orders in one batch)")
         for name in ("ift_examples", "eft_examples"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (or null)")
@@ -88,7 +89,8 @@ class InitConfig(TrainSettings):
 
 # ---- IFT --------------------------------------------------------------------------------------
 def _numbered(steps: list[str]) -> list[str]:
-    return [s.strip() if STEP_MARKER_RE.match(s.strip()) else step_prefix(i + 1) + s.strip() for i, s in enumerate(steps)]
+    return [s.strip() if STEP_MARKER_RE.match(s.strip()) else step_prefix(i + 1) + s.strip()
+            for i, s in enumerate(steps)]
 
 
 def read_ift_file(path: str, tokenizer, limit: int | None = None) -> list[dict]:
@@ -105,17 +107,19 @@ def read_ift_file(path: str, tokenizer, limit: int | None = None) -> list[dict]:
                 raise DataError(f"{where}: missing or empty field 'question' (IFT rows: question + answer, "
                                 "question + steps, or prompt + completion)")
             if "steps" in row:
-                if not isinstance(row["steps"], list) or not row["steps"] or not all(isinstance(s, str) and s.strip() for s in row["steps"]):
+                steps = row["steps"]
+                if not isinstance(steps, list) or not steps or not all(isinstance(s, str) and s.strip() for s in steps):
                     raise DataError(f"{where}: field 'steps' must be a non-empty list of strings")
                 steps = _numbered(row["steps"])
             elif isinstance(row.get("answer"), str) and row["answer"].strip():
                 if "####" not in row["answer"]:
-                    raise DataError(f"{where}: field 'answer' has no '#### <answer>' line (GSM8K style) to take the gold from")
+                    raise DataError(f"{where}: field 'answer' has no '#### <answer>' line (GSM8K style) "
+                                    "to take the gold from")
                 steps = gsm8k_reference_steps(row["answer"])
             else:
                 raise DataError(f"{where}: missing or empty field 'answer' (or 'steps')")
-            rows.append({"prompt": render_prompt(tokenizer, row["question"].strip()), "completion": format_solution(steps),
-                         "source": "file"})
+            rows.append({"prompt": render_prompt(tokenizer, row["question"].strip()),
+                         "completion": format_solution(steps), "source": "file"})
         if limit is not None and len(rows) >= limit:
             break
     return rows
@@ -183,7 +187,8 @@ def read_eft_file(path: str, tokenizer, limit: int | None = None, with_justifica
         where = f"{path}:{lineno}"
         for fld in ("question", "step_a", "step_b"):
             if not isinstance(row.get(fld), str) or not row[fld].strip():
-                raise DataError(f"{where}: missing or empty field '{fld}' (EFT rows: question, previous_steps, step_a, step_b, verdict)")
+                raise DataError(f"{where}: missing or empty field '{fld}' "
+                                "(EFT rows: question, previous_steps, step_a, step_b, verdict)")
         prev = row.get("previous_steps", [])
         if not isinstance(prev, list) or not all(isinstance(s, str) for s in prev):
             raise DataError(f"{where}: field 'previous_steps' must be a list of strings")

@@ -105,7 +105,8 @@ def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, eos: bool 
     no EOS unless ``eos`` (whole-solution rows). When the prompt's last tokens merge with a step's
     first (a prompt not ending on a token boundary), the completion starts where they diverge, as in TRL."""
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    full = {k: tokenizer(prompt + text, add_special_tokens=False)["input_ids"] for k, text in (("chosen", chosen), ("rejected", rejected))}
+    full = {k: tokenizer(prompt + text, add_special_tokens=False)["input_ids"]
+            for k, text in (("chosen", chosen), ("rejected", rejected))}
     n = len(prompt_ids)
     for ids in full.values():
         n = min(n, next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(prompt_ids), len(ids))))
@@ -220,7 +221,8 @@ def step_logps(model, tokenizer, rows: list[dict], batch_size: int = 8) -> tuple
     model.eval()
     with torch.no_grad():
         for s in range(0, len(rows), batch_size):
-            batch = [tokenize_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"]) for r in rows[s : s + batch_size]]
+            batch = [tokenize_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"])
+                     for r in rows[s : s + batch_size]]
             for key in out:
                 seqs = [b["prompt_ids"] + b[f"{key}_ids"] for b in batch]
                 width = max(map(len, seqs))
