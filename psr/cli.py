@@ -242,7 +242,7 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
                            usage=f"psr {name} [-h] [--config FILE] [--FIELD VALUE ...]")
         p.set_defaults(func=RUNNERS[name], mappings=[])
         if name == "iterate":
-            p.add_argument("--config", required=True,
+            p.add_argument("--config", required=True, metavar="FILE",
                            help="the run's YAML recipe (recipes/<model>/iterate/config_*.yaml)")
             p.add_argument("--run", help="run folder (default runs/<name>)")
             p.add_argument("--restart-from", metavar="STAGE", help="redo from this stage on, e.g. psr/round_1/search; "
@@ -250,7 +250,7 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
             p.add_argument("--stop-after", choices=["init", "search", "train", "eval"],
                            help="stop once the next unfinished stage of this kind is done (for make targets)")
         else:
-            p.add_argument("--config", help="YAML file with the fields below (flags win over it)")
+            p.add_argument("--config", metavar="FILE", help="YAML file with the fields below (flags win over it)")
         if commands is None or name in commands:
             cls = config_class(name)
             fields = {f.name for f in dataclasses.fields(cls)}

@@ -67,7 +67,8 @@ class RunConfig:
     model: str = "smollm2-135m"  # M0: built-in name, local directory or hub id
     seed: int = 0  # the run's one seed: init's seed and data_seed, training, eval; search: seed + 1000 * round
     rounds: int = 2  # rounds of search -> train -> eval per method
-    # each from the same M1; oracle: PSR's search with the task's step check as the judge (a control arm)
+    # the arms, each from the same M1: psr; srlm (outcome-based baseline); oracle (PSR's search judged by
+    # the task's step check: a control arm)
     methods: list[Literal["psr", "srlm", "oracle"]] = field(default_factory=lambda: ["psr"])
     problems_per_round: int = 32  # search problems per round (new problems every round)
     task: TaskConfig = field(default_factory=TaskConfig)  # where the search's problems come from
