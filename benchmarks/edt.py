@@ -22,7 +22,6 @@ Writes ``--out``/edt.json and edt.png and prints a table.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -203,7 +202,8 @@ def plot(results: dict, path: Path) -> None:
     curve(ax, "sample_accuracy", style=":", suffix=" sample accuracy")
     ax.set_xlabel("diversity = 1 − self-BLEU-4")
     ax.set_ylabel("final-answer accuracy")
-    ax.set_title(f"Answer accuracy vs diversity ({results['config']['problems']} problems × k={results['config']['k']})")
+    c = results["config"]
+    ax.set_title(f"Answer accuracy vs diversity ({c['problems']} problems × k={c['k']})")
     ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
 
@@ -242,12 +242,13 @@ def print_table(results: dict) -> str:
                      f"{r['self_bleu']:>9.3f} {r['distinct_2']:>7.3f} {r['tradeoff']:>6.3f} {r['words']:>6.1f} "
                      f"{t_mean:>7} {greedy:>8} {r['tokens_per_s']:>6.1f}")
     o, p = results["overhead"], results["processor_ms"]
-    lines.append(f"overhead ({o['fixed']} vs {o['edt']}, batch {o['batch']}, {o['new_tokens']} tokens, {o['reps']} pairs): "
+    lines.append(f"overhead ({o['fixed']} vs {o['edt']}, batch {o['batch']}, {o['new_tokens']} tokens, "
+                 f"{o['reps']} pairs): "
                  f"EDT/fixed tokens/s median {o['ratio_edt_over_fixed_median']:.3f} "
                  f"(min {o['ratio_edt_over_fixed_min']:.3f}, max {o['ratio_edt_over_fixed_max']:.3f}); "
                  f"{o['ms_per_step_fixed']:.0f} ms per decoding step")
-    lines.append(f"per call on [{o['batch']}, vocab] logits: EDT {p['edt_ms']:.2f} ms, temperature {p['temperature_ms']:.2f} ms, "
-                 f"top-p {p['top_p_ms']:.2f} ms")
+    lines.append(f"per call on [{o['batch']}, vocab] logits: EDT {p['edt_ms']:.2f} ms, "
+                 f"temperature {p['temperature_ms']:.2f} ms, top-p {p['top_p_ms']:.2f} ms")
     return "\n".join(lines)
 
 
@@ -261,7 +262,8 @@ def pairs(text: str) -> list[tuple[float, float]]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m", help="built-in name, local directory (e.g. an M1 model) or hub id")
+    ap.add_argument("--model", default="smollm2-135m",
+                    help="built-in name, local directory (e.g. an M1 model) or hub id")
     ap.add_argument("--problems", type=int, default=16)
     ap.add_argument("--k", type=int, default=4, help="samples per problem")
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -311,7 +313,8 @@ def main(argv=None) -> int:
             row.update(edt_stats(recorder))
             if not entropy_sample:
                 h = torch.cat(recorder.entropies)
-                entropy_sample = h[torch.randperm(h.numel(), generator=torch.Generator().manual_seed(0))[:5000]].tolist()
+                order = torch.randperm(h.numel(), generator=torch.Generator().manual_seed(0))
+                entropy_sample = h[order[:5000]].tolist()
         row["examples"] = outs[0][:2]
         settings.append(row)
         print(f"  {row['label']:<22} step {row['step_score']:.3f}  acc {row['sample_accuracy']:.3f}  "

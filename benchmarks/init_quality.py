@@ -45,7 +45,8 @@ def measure(name: str, limit: int, judge_limit: int, max_new_tokens: int, batch_
         t = json.loads(log.read_text())
         losses = [h["loss"] for h in t["log_history"] if "loss" in h]
         row["train"] = {"examples": t.get("examples"), "steps": t["timing"].get("steps"),
-                        "median_s_per_step": t["timing"].get("median_s_per_step"), "total_s": t["timing"].get("total_s"),
+                        "median_s_per_step": t["timing"].get("median_s_per_step"),
+                        "total_s": t["timing"].get("total_s"),
                         "peak_rss_mb": t.get("peak_rss_mb"), "lora": t["config"]["lora"],
                         "learning_rate": t["config"]["learning_rate"], "batch_size": t["config"]["batch_size"],
                         "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
@@ -59,8 +60,9 @@ def markdown(rows: list[dict]) -> str:
         t = r.get("train")
         train = (f"{'LoRA' if t['lora'] else 'full'}, {t['steps']} steps, {t['median_s_per_step']} s/step, "
                  f"loss {t['first_loss']:.2f}→{t['last_loss']:.2f}") if t else "—"
-        lines.append(f"| `{r['model']}` | {r['solve_accuracy']:.3f} (n={r['solve_n']}) | {r['judge_per_order_accuracy']:.3f} | "
-                     f"{r['judge_accuracy_both_orders_agree']:.3f} (n={r['judge_n_pairs']}) | {r['judge_share_A']:.3f} | {train} |")
+        lines.append(f"| `{r['model']}` | {r['solve_accuracy']:.3f} (n={r['solve_n']}) | "
+                     f"{r['judge_per_order_accuracy']:.3f} | {r['judge_accuracy_both_orders_agree']:.3f} "
+                     f"(n={r['judge_n_pairs']}) | {r['judge_share_A']:.3f} | {train} |")
     return "\n".join(lines) + "\n"
 
 

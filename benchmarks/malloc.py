@@ -25,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-JEMALLOC = next((p for p in ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2")
-                 if os.path.exists(p)), None)
+JEMALLOC = next((p for p in ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+                             "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2") if os.path.exists(p)), None)
 SETTINGS = {
     "glibc": {},
     "jemalloc": {"LD_PRELOAD": JEMALLOC or ""},
@@ -54,7 +54,8 @@ def worker(batch: int, tokens: int) -> dict:
 
     def decode():
         with torch.no_grad():
-            model.generate(**enc, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            model.generate(**enc, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                           pad_token_id=tok.pad_token_id)
 
     decode()  # warm-up
     dec_s, dec_sys = timed(decode)
@@ -91,25 +92,27 @@ def main():
     for r in range(args.rounds):
         for name in (list(settings) if r % 2 == 0 else list(reversed(settings))):
             env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")} | settings[name]
-            out = subprocess.run([sys.executable, __file__, "--worker", "--batch", str(args.batch), "--tokens", str(args.tokens)],
-                                 env=env, capture_output=True, text=True)
+            cmd = [sys.executable, __file__, "--worker", "--batch", str(args.batch), "--tokens", str(args.tokens)]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if out.returncode != 0:
                 sys.exit(f"{name} worker failed:\n{out.stderr[-2000:]}")
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(name, runs[name][-1], flush=True)
     summary = {name: {k: round(statistics.mean(x[k] for x in rs), 3) for k in rs[0]} for name, rs in runs.items()}
     base = summary["glibc"]
-    for name, s in summary.items():
+    for s in summary.values():
         s["decode_speedup_vs_glibc"] = round(s["decode_tokens_per_s"] / base["decode_tokens_per_s"], 2)
         s["train_speedup_vs_glibc"] = round(base["train_s_per_step"] / s["train_s_per_step"], 2)
     result = {"batch": args.batch, "tokens": args.tokens, "rounds": args.rounds, "summary": summary, "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print("| allocator | decode tok/s | kernel share | train s/step | kernel share | decode / train speed-up vs glibc |")
+    print("| allocator | decode tok/s | kernel share | train s/step | kernel share "
+          "| decode / train speed-up vs glibc |")
     print("|---|---|---|---|---|---|")
     for name, s in summary.items():
-        print(f"| {name} | {s['decode_tokens_per_s']:.1f} | {s['decode_sys_share']:.0%} | {s['train_s_per_step']:.2f} | "
-              f"{s['train_sys_share']:.0%} | {s['decode_speedup_vs_glibc']}x / {s['train_speedup_vs_glibc']}x |")
+        print(f"| {name} | {s['decode_tokens_per_s']:.1f} | {s['decode_sys_share']:.0%} | "
+              f"{s['train_s_per_step']:.2f} | {s['train_sys_share']:.0%} | "
+              f"{s['decode_speedup_vs_glibc']}x / {s['train_speedup_vs_glibc']}x |")
     print(f"wrote {args.out}")
 
 

@@ -70,8 +70,9 @@ def main():
     result["judge"]["logits_plain"] = time_judge(model, tok, items, JudgeConfig(mode="logits", prefix_reuse=False))
     result["judge"]["generate"] = time_judge(model, tok, items[: args.generate_items], JudgeConfig(mode="generate"))
     j = result["judge"]
-    result["judge"]["speedup_reuse_vs_generate"] = round(j["logits_reuse"]["per_second"] / j["generate"]["per_second"], 2)
-    result["judge"]["speedup_reuse_vs_plain"] = round(j["logits_reuse"]["per_second"] / j["logits_plain"]["per_second"], 2)
+    reuse = j["logits_reuse"]["per_second"]
+    result["judge"]["speedup_reuse_vs_generate"] = round(reuse / j["generate"]["per_second"], 2)
+    result["judge"]["speedup_reuse_vs_plain"] = round(reuse / j["logits_plain"]["per_second"], 2)
     print(json.dumps(result["judge"], indent=2))
 
     # 2. candidate generation inside the search vs raw decoding at the same batch size

@@ -26,8 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-JEMALLOC = next((p for p in ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2")
-                 if Path(p).exists()), None)
+JEMALLOC = next((p for p in ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+                             "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2") if Path(p).exists()), None)
 
 # name -> (stage, trainer, lora, jemalloc)
 VARIANTS = {
@@ -56,7 +56,8 @@ def worker(args) -> None:
         cfg = StepDPOConfig(pairs=args.pairs, batch_size=args.batch_size, beta=0.4,
                             learning_rate=2e-4 if lora else 2e-6, **common)
         trainer = build_trainer(cfg, trainer_class=DPOTrainer) if kind == "plain" else build_trainer(cfg)
-        tokens = sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in trainer.train_dataset)
+        tokens = sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"])
+                     for r in trainer.train_dataset)
         tokens_per_pair = tokens / len(trainer.train_dataset)
     else:
         from psr.train.sft import InitConfig, build_trainer
@@ -191,8 +192,8 @@ def main(argv=None) -> int:
     if args.out:
         from psr.files import write_json_atomic, write_text_atomic
 
-        write_json_atomic(f"{args.out}.json", {**summary, "runs": runs, "args": {k: v for k, v in vars(args).items()
-                                                                                 if k not in ("worker", "json", "pairs", "tmp")}})
+        kept = {k: v for k, v in vars(args).items() if k not in ("worker", "json", "pairs", "tmp")}
+        write_json_atomic(f"{args.out}.json", {**summary, "runs": runs, "args": kept})
         write_text_atomic(f"{args.out}.md", text)
         print(f"wrote {args.out}.json and {args.out}.md")
     return 0

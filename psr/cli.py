@@ -1,14 +1,155 @@
-"""The ``psr`` command: one subcommand per stage. ``psr <command> --help`` for options."""
+"""The ``psr`` command: one subcommand per stage, its flags generated from the stage's config dataclass.
+
+Every field is a flag named by its dotted path, with the comment beside the field as its help:
+``psr search --width 6 --sampling.t0 0.9``, ``psr iterate --config R --train.beta 0.2``. Values are
+read as YAML (``--methods "[psr, srlm]"``, ``--limit null``) and go on top of the ``--config`` file,
+checked by the same strict loader (``psr.config.load_config``). A mapping field also takes one key
+at a time (``--train.trl.optim adafactor``). ``psr <command> --help`` lists every flag.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import os
 import sys
+import types
+import typing
 
-from psr.config import ConfigError, from_dict, load_yaml
+import yaml
+
+from psr.config import ConfigError, field_docs, load_config
+
+# command -> (its config class, one line of help, short aliases users rely on: flag -> dotted field)
+COMMANDS = {
+    "eval": ("psr.evaluate:EvalConfig", "step-by-step math accuracy of a model (greedy; maj@k with --samples)",
+             {"--policy": "sampling.policy"}),
+    "search": ("psr.search:SearchConfig",
+               "step-wise search with the model as its own judge -> search.jsonl + pairs.jsonl",
+               {"--judge-mode": "judge.mode", "--policy": "sampling.policy"}),
+    "judge-eval": ("psr.judge_eval:JudgeEvalConfig", "accuracy of the model as a pairwise step judge on held-out pairs",
+                   {"--pairs": "pairs_file", "--mode": "judge.mode", "--aggregation": "judge.aggregation"}),
+    "init": ("psr.train.sft:InitConfig", "M0 -> M1: SFT on IFT (step-formatted solutions) + EFT (step-judge) data",
+             {"--lr": "learning_rate"}),
+    "train": ("psr.train.step_dpo:StepDPOConfig", "one round of step-wise DPO on a pairs.jsonl",
+              {"--lr": "learning_rate"}),
+    "iterate": ("psr.rounds:RunConfig",
+                "the whole loop: init -> rounds of search, train, eval -> report (resumable)", {}),
+}
+ALIASES = {"--task": "task.name", "--data": "task.data"}  # every command whose config has a task
+DEST = "cfg:"  # argparse dest prefix of config fields
 
 
+def config_class(command: str) -> type:
+    module, _, name = COMMANDS[command][0].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+# ---------------------------------------------------------------------------------------------
+# dataclass fields -> flags
+# ---------------------------------------------------------------------------------------------
+def _without_none(tp):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _yaml_value(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text  # the config checker names the key and the bad value
+
+
+def _converter(tp):
+    if _without_none(tp) is str:  # a string stays as typed (a path "1.0" is not a number); null -> None
+        return (lambda text: None if text in ("null", "~") else text) if _without_none(tp) is not tp else str
+    return _yaml_value
+
+
+def _metavar(tp) -> str:
+    tp = _without_none(tp)
+    return {int: "INT", float: "FLOAT", str: "STR"}.get(tp, "YAML")
+
+
+def _plain(value):
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _shown(value) -> str:
+    text = yaml.safe_dump(_plain(value), default_flow_style=True, width=10**6).strip()
+    text = text.removesuffix("\n...").removesuffix(" ...")
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _add_fields(parser, group, cls, defaults, prefix: str, aliases: dict, mappings: list[str]) -> None:
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        name, tp, default = prefix + f.name, hints[f.name], getattr(defaults, f.name)
+        if dataclasses.is_dataclass(tp):
+            about = docs[f.name] or (tp.__doc__ or "").strip().split("\n\n")[0]
+            sub = parser.add_argument_group(f"{name}.*", " ".join(about.split()))
+            _add_fields(parser, sub, tp, default, name + ".", aliases, mappings)
+            continue
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        flags += [flag for flag, target in aliases.items() if target == name]
+        text = f"{docs[f.name]} (default: {_shown(default)})".replace("%", "%%")
+        kwargs = dict(dest=DEST + name, default=argparse.SUPPRESS, help=text)
+        base = _without_none(tp)
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(base) is typing.Literal:
+            kwargs.update(choices=list(typing.get_args(base)), metavar="{" + ",".join(typing.get_args(base)) + "}")
+        else:
+            kwargs.update(type=_converter(tp), metavar=_metavar(tp))
+        if base is dict or typing.get_origin(base) is dict:
+            mappings.append(name)
+            kwargs["help"] += f"; or one key at a time: --{name}.KEY VALUE"
+        group.add_argument(*flags, **kwargs)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls, aliases: dict | None = None) -> list[str]:
+    """A flag for every field of ``cls`` (nested dataclasses: dotted names, one argument group each);
+    returns the dotted names of mapping fields, which also take ``--NAME.KEY VALUE``."""
+    mappings = []
+    _add_fields(parser, parser.add_argument_group("fields"), cls, cls(), "", aliases or {}, mappings)
+    return mappings
+
+
+def _mapping_overrides(rest: list[str], mappings: list[str], parser) -> dict:
+    """``--train.trl.optim adafactor`` (or ``=adafactor``) for the mapping fields; anything else is an error."""
+    out, i = {}, 0
+    while i < len(rest):
+        flag, eq, value = rest[i].partition("=")
+        if not any(flag.startswith(f"--{m}.") and len(flag) > len(m) + 3 for m in mappings):
+            parser.error(f"unrecognized arguments: {' '.join(rest[i:])}")
+        if not eq:
+            if i + 1 == len(rest):
+                parser.error(f"argument {flag}: expected one argument")
+            i += 1
+            value = rest[i]
+        out[flag[2:]] = _yaml_value(value)
+        i += 1
+    return out
+
+
+def config_from_args(args, mappings: list[str], rest: list[str], parser):
+    """The command's config: ``--config`` (if given), then the flags on top, strictly checked."""
+    overrides = {k[len(DEST):]: v for k, v in vars(args).items() if k.startswith(DEST)}
+    overrides.update(_mapping_overrides(rest, mappings, parser))
+    return load_config(config_class(args.command), args.config, overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
 def _quiet_libraries():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
@@ -17,57 +158,19 @@ def _quiet_libraries():
     transformers.utils.logging.disable_progress_bar()
 
 
-def _config_from(cls, args, mapping: dict) -> object:
-    """A stage config from ``--config`` (if given) with command-line values on top."""
-    data = load_yaml(args.config) if getattr(args, "config", None) else {}
-    for key, value in mapping.items():
-        if value is None:
-            continue
-        node = data
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return from_dict(cls, data)
+def cmd_eval(cfg, args) -> int:
+    from psr.evaluate import evaluate, format_table
 
-
-def _sampling_flags(args) -> dict:
-    """``sampling.*`` overrides from --policy/--temperature/--top-p/--t0/--n/--theta. Without
-    --policy the flags imply it (--t0/--n/--theta: edt, --temperature: fixed), unless the config
-    file names one: a partial ``sampling`` block would otherwise fall back to policy greedy."""
-    values = {"temperature": args.temperature, "top_p": args.top_p, "t0": args.t0, "n": args.n, "theta": args.theta}
-    policy = args.policy
-    has_file_policy = bool(getattr(args, "config", None)) and "policy" in (load_yaml(args.config).get("sampling") or {})
-    if policy is None and not has_file_policy and any(v is not None for v in values.values()):
-        policy = "edt" if any(values[k] is not None for k in ("t0", "n", "theta")) else "fixed"
-    return {f"sampling.{k}": v for k, v in {"policy": policy, **values}.items()}
-
-
-def cmd_eval(args) -> int:
-    from psr.evaluate import EvalConfig, evaluate, format_table
-
-    cfg = _config_from(EvalConfig, args, {
-        "model": args.model, "task.name": args.task, "task.data": args.data, "limit": args.limit,
-        "offset": args.offset, "batch_size": args.batch_size, "samples": args.samples,
-        "max_new_tokens": args.max_new_tokens, "seed": args.seed, "out": args.out, "dtype": args.dtype,
-        **_sampling_flags(args),
-    })
-    result = evaluate(cfg)
-    print(format_table(result))
+    print(format_table(evaluate(cfg)))
     if cfg.out:
         print(f"wrote {cfg.out}")
     return 0
 
 
-def cmd_search(args) -> int:
+def cmd_search(cfg, args) -> int:
     from psr.pairs import format_stats
-    from psr.search import SearchConfig, run_search
+    from psr.search import run_search
 
-    cfg = _config_from(SearchConfig, args, {
-        "model": args.model, "task.name": args.task, "task.data": args.data, "limit": args.limit,
-        "out": args.out, "method": args.method, "width": args.width, "seed": args.seed,
-        "judge.mode": args.judge_mode, "sampling.policy": args.policy,
-    })
     stats = run_search(cfg)
     if stats:  # rank 0 only
         print(format_stats(stats))
@@ -75,183 +178,104 @@ def cmd_search(args) -> int:
     return 0
 
 
-def cmd_judge_eval(args) -> int:
-    from psr.judge_eval import JudgeEvalConfig, format_judge_eval, judge_eval
+def cmd_judge_eval(cfg, args) -> int:
+    from psr.judge_eval import format_judge_eval, judge_eval
 
-    cfg = _config_from(JudgeEvalConfig, args, {
-        "model": args.model, "task.name": args.task, "pairs_file": args.pairs, "limit": args.limit,
-        "judge.mode": args.mode, "judge.aggregation": args.aggregation, "seed": args.seed, "out": args.out,
-    })
     print(format_judge_eval(judge_eval(cfg)))
     return 0
 
 
 def _print_train_result(result: dict, out: str, what: str) -> None:
     t, final = result["timing"], result["final"]
-    shown = {k: round(v, 4) for k, v in final.items() if k in ("loss", "rewards/margins", "rewards/accuracies", "mean_token_accuracy")}
+    keep = ("loss", "rewards/margins", "rewards/accuracies", "mean_token_accuracy")
+    shown = {k: round(v, 4) for k, v in final.items() if k in keep}
     print(f"{what}: {t.get('steps', 0)} steps, {t.get('median_s_per_step', float('nan'))} s/step, "
           f"peak {result['peak_rss_mb']:.0f} MB; last log {shown}")
     print(f"wrote {out} (load it with: psr eval --model {out})")
 
 
-def cmd_init(args) -> int:
+def cmd_init(cfg, args) -> int:
     from psr.train.common import world_size
-    from psr.train.sft import InitConfig, run_init
+    from psr.train.sft import run_init
 
-    cfg = _config_from(InitConfig, args, {
-        "model": args.model, "out": args.out, "task.name": args.task, "task.data": args.data,
-        "ift_data": args.ift_data, "eft_data": args.eft_data, "ift_examples": args.ift_examples,
-        "eft_examples": args.eft_examples, "eft_justification": args.eft_justification, "lora": args.lora,
-        "epochs": args.epochs, "max_steps": args.max_steps, "learning_rate": args.learning_rate,
-        "batch_size": args.batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "seed": args.seed,
-    })
     result = run_init(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
-        _print_train_result(result, cfg.out, f"init (IFT {result['examples']['ift']} + EFT {result['examples']['eft']}, "
-                                             f"{world_size()} process(es))")
+        n = result["examples"]
+        _print_train_result(result, cfg.out, f"init (IFT {n['ift']} + EFT {n['eft']}, {world_size()} process(es))")
     return 0
 
 
-def cmd_train(args) -> int:
+def cmd_train(cfg, args) -> int:
     from psr.train.common import world_size
-    from psr.train.step_dpo import StepDPOConfig, run_train
+    from psr.train.step_dpo import run_train
 
-    cfg = _config_from(StepDPOConfig, args, {
-        "model": args.model, "pairs": args.pairs, "out": args.out, "ref_model": args.ref_model, "beta": args.beta,
-        "lora": args.lora, "epochs": args.epochs, "max_steps": args.max_steps, "learning_rate": args.learning_rate,
-        "batch_size": args.batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "precompute_ref_log_probs": args.precompute_ref_log_probs, "seed": args.seed,
-    })
     result = run_train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         _print_train_result(result, cfg.out, f"step-DPO on {result['pairs']} pairs ({world_size()} process(es))")
     return 0
 
 
-def _training_flags(p) -> None:
-    p.add_argument("--model", help="starting model: hub id, local directory, smollm2-135m or tiny-random")
-    p.add_argument("--out", help="the model directory to write (psr eval --model DIR loads it)")
-    p.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None, help="LoRA instead of full fine-tuning")
-    p.add_argument("--epochs", type=float)
-    p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--learning-rate", "--lr", type=float)
-    p.add_argument("--batch-size", type=int, help="per process")
-    p.add_argument("--gradient-accumulation-steps", type=int)
-    p.add_argument("--seed", type=int)
+def cmd_iterate(cfg, args) -> int:
+    from psr.rounds import iterate
 
-
-def cmd_iterate(args) -> int:
-    from psr.rounds import run_from_args
-
-    run_from_args(args)
+    iterate(cfg, args.run, args.restart_from, args.stop_after)
     return 0
 
 
-def cmd_report(args) -> int:
+def cmd_report(cfg, args) -> int:
     from psr.report import main as report_main
 
     return report_main([args.run])
 
 
-def add_iterate_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--config", required=True, help="run YAML (see recipes/)")
-    ap.add_argument("--run", help="run folder (default runs/<name>)")
-    ap.add_argument("--restart-from", metavar="STAGE", help="redo from this stage on, e.g. psr/round_1/search")
-    ap.add_argument("--stop-after", choices=["init", "search", "train", "eval"],
-                    help="stop once the next unfinished stage of this kind is done (for make targets)")
+RUNNERS = {"eval": cmd_eval, "search": cmd_search, "judge-eval": cmd_judge_eval, "init": cmd_init,
+           "train": cmd_train, "iterate": cmd_iterate}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="psr", description=__doc__)
+def build_parser(commands=None) -> argparse.ArgumentParser:
+    """The ``psr`` parser; the flags of ``commands`` only (default: all; their configs are imported)."""
+    parser = argparse.ArgumentParser(prog="psr", description=__doc__, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("eval", help="step-by-step math accuracy of a model (greedy; maj@k with --samples)")
-    p.add_argument("--config", help="YAML file with EvalConfig fields (command-line values win)")
-    p.add_argument("--model", help="hub id, local directory, smollm2-135m or tiny-random")
-    p.add_argument("--task", choices=["arithmetic", "gsm8k", "math"])
-    p.add_argument("--data", help="gsm8k/math: JSONL path (question/answer) or hub id")
-    p.add_argument("--limit", type=int)
-    p.add_argument("--offset", type=int, help="gsm8k/math: skip this many rows first")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--samples", type=int, help="k samples per problem for maj@k and pass@k")
-    p.add_argument("--policy", choices=["fixed", "edt"], help="sampling policy of the k samples (default fixed, T=0.7)")
-    p.add_argument("--temperature", type=float, help="fixed: the temperature")
-    p.add_argument("--top-p", type=float, help="fixed and edt: nucleus after the temperature")
-    p.add_argument("--t0", type=float, help="edt: upper bound of T = t0 * n ** (theta / H)")
-    p.add_argument("--n", type=float, help="edt: base, 0 < n < 1")
-    p.add_argument("--theta", type=float, help="edt: strength")
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"])
-    p.add_argument("--out", help="write the result JSON here")
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("search", help="step-wise search with the model as its own judge -> search.jsonl + pairs.jsonl")
-    p.add_argument("--config", help="YAML file with SearchConfig fields (command-line values win)")
-    p.add_argument("--model")
-    p.add_argument("--task", choices=["arithmetic", "gsm8k", "math"])
-    p.add_argument("--data", help="gsm8k/math: JSONL path or hub id")
-    p.add_argument("--limit", type=int)
-    p.add_argument("--out", help="output folder (search.jsonl, pairs.jsonl, pair_stats.json)")
-    p.add_argument("--method", choices=["psr", "srlm"], help="psr: step-wise (default); srlm: outcome-based baseline")
-    p.add_argument("--width", type=int, help="candidates per step (default 6)")
-    p.add_argument("--judge-mode", choices=["logits", "generate"])
-    p.add_argument("--policy", choices=["edt", "fixed", "greedy"], help="sampling policy of candidate steps")
-    p.add_argument("--seed", type=int)
-    p.set_defaults(func=cmd_search)
-
-    p = sub.add_parser("judge-eval", help="accuracy of the model as a pairwise step judge on held-out pairs")
-    p.add_argument("--config")
-    p.add_argument("--model")
-    p.add_argument("--task", choices=["arithmetic"])
-    p.add_argument("--pairs", help="labelled pairs JSONL (chosen = the right step) instead of built-in pairs")
-    p.add_argument("--limit", type=int)
-    p.add_argument("--mode", choices=["logits", "generate"])
-    p.add_argument("--aggregation", choices=["agree", "sum"])
-    p.add_argument("--seed", type=int)
-    p.add_argument("--out")
-    p.set_defaults(func=cmd_judge_eval)
-
-    p = sub.add_parser("iterate", help="the whole loop: init -> rounds of search, train, eval -> report (resumable)")
-    add_iterate_arguments(p)
-    p.set_defaults(func=cmd_iterate)
-
-    p = sub.add_parser("report", help="write report.md and plots for a run folder")
+    for name, (_, about, aliases) in COMMANDS.items():
+        p = sub.add_parser(name, help=about, description=about, allow_abbrev=False,
+                           usage=f"psr {name} [-h] [--config FILE] [--FIELD VALUE ...]")
+        p.set_defaults(func=RUNNERS[name], mappings=[])
+        if name == "iterate":
+            p.add_argument("--config", required=True, metavar="FILE",
+                           help="the run's YAML recipe (recipes/<model>/iterate/config_*.yaml)")
+            p.add_argument("--run", help="run folder (default runs/<name>)")
+            p.add_argument("--restart-from", metavar="STAGE", help="redo from this stage on, e.g. psr/round_1/search; "
+                           "config changes used only from there on are accepted with it")
+            p.add_argument("--stop-after", choices=["init", "search", "train", "eval"],
+                           help="stop once the next unfinished stage of this kind is done (for make targets)")
+        else:
+            p.add_argument("--config", metavar="FILE", help="YAML file with the fields below (flags win over it)")
+        if commands is None or name in commands:
+            cls = config_class(name)
+            fields = {f.name for f in dataclasses.fields(cls)}
+            common = {flag: target for flag, target in ALIASES.items() if target.split(".")[0] in fields}
+            p.set_defaults(mappings=add_config_arguments(p, cls, {**common, **aliases}))
+    p = sub.add_parser("report", help="write report.md and plots for a run folder", allow_abbrev=False)
     p.add_argument("run", help="run folder, e.g. runs/demo")
-    p.set_defaults(func=cmd_report)
-    p = sub.add_parser("init", help="M0 -> M1: SFT on IFT (step-formatted solutions) + EFT (step-judge) data")
-    p.add_argument("--config", help="YAML file with InitConfig fields (command-line values win)")
-    _training_flags(p)
-    p.add_argument("--task", choices=["arithmetic", "gsm8k", "math"])
-    p.add_argument("--data", help="gsm8k: JSONL path or hub id whose reference solutions become IFT data")
-    p.add_argument("--ift-data", help="IFT JSONL: question/answer (GSM8K), question/steps or prompt/completion rows")
-    p.add_argument("--eft-data", help="EFT JSONL: question, previous_steps, step_a, step_b, verdict rows")
-    p.add_argument("--ift-examples", type=int)
-    p.add_argument("--eft-examples", type=int)
-    p.add_argument("--eft-justification", action=argparse.BooleanOptionalAction, default=None,
-                   help="EFT replies with a short justification before the verdict")
-    p.set_defaults(func=cmd_init)
-
-    p = sub.add_parser("train", help="one round of step-wise DPO on a pairs.jsonl")
-    p.add_argument("--config", help="YAML file with StepDPOConfig fields (command-line values win)")
-    _training_flags(p)
-    p.add_argument("--pairs", help="the round's pairs.jsonl (prompt, chosen, rejected + metadata)")
-    p.add_argument("--ref-model", help="reference policy (default: the starting model)")
-    p.add_argument("--beta", type=float)
-    p.add_argument("--precompute-ref-log-probs", action=argparse.BooleanOptionalAction, default=None)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_report, mappings=None)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from psr.files import DataError
     from psr.models import ModelLoadError
-    from psr.tasks import DataError
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser([command])
+    args, rest = parser.parse_known_args(argv)
+    if args.mappings is None and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     _quiet_libraries()
     try:
-        return args.func(args)
+        cfg = None if args.mappings is None else config_from_args(args, args.mappings, rest, parser)
+        return args.func(cfg, args)
     except (ConfigError, ModelLoadError, DataError) as err:
         print(f"psr {args.command}: error: {err}", file=sys.stderr)
         return 2

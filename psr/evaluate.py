@@ -20,18 +20,21 @@ from psr.tasks import TaskConfig, make_task
 
 @dataclass
 class EvalConfig:
-    model: str = "smollm2-135m"
-    task: TaskConfig = field(default_factory=TaskConfig)
-    split: str = "test"
-    limit: int | None = 100
+    """``psr eval``: greedy accuracy, and maj@k / pass@k over ``samples`` sampled solutions."""
+
+    model: str = "smollm2-135m"  # the model: hub id, local directory, or a built-in name (smollm2-135m, tiny-random)
+    task: TaskConfig = field(default_factory=TaskConfig)  # the benchmark's problems
+    split: str = "test"  # arithmetic: train or test; gsm8k/math: ignored (the file is the split)
+    limit: int | None = 100  # problems to evaluate (null: all)
     offset: int = 0  # gsm8k/math: skip the first rows (e.g. those used for training)
-    batch_size: int = 32
-    max_new_tokens: int = 320
+    batch_size: int = 32  # prompts per generate call
+    max_new_tokens: int = 320  # per solution
     samples: int = 0  # k for maj@k / pass@k; 0 = greedy only
+    # how the k samples are drawn (greedy accuracy is always measured too)
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(policy="fixed", temperature=0.7))
-    seed: int = 0
-    dtype: str | None = None
-    out: str | None = None
+    seed: int = 0  # problem selection (arithmetic) and sampling seed
+    dtype: str | None = None  # float32, bfloat16, float16 or auto (null: float32 on CPU, bfloat16 on CUDA)
+    out: str | None = None  # write the result JSON here
 
 
 def _majority(answers: list[str | None]) -> str | None:
@@ -66,7 +69,8 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
     sampled = None
     if cfg.samples > 0:
         sampled = generate(model, tokenizer, prompts, cfg.sampling, cfg.max_new_tokens, cfg.batch_size,
-                           num_samples=cfg.samples, seed=cfg.seed, desc=f"eval {cfg.samples} samples", progress=progress)
+                           num_samples=cfg.samples, seed=cfg.seed, desc=f"eval {cfg.samples} samples",
+                           progress=progress)
     seconds = time.perf_counter() - started
 
     rows, by_difficulty = [], defaultdict(list)
@@ -96,7 +100,8 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
         "model": cfg.model, "task": cfg.task.name, "split": cfg.split,
         **summary(rows),
         "by_difficulty": {k: summary(v) for k, v in sorted(by_difficulty.items())} if len(by_difficulty) > 1 else {},
-        "throughput": {"seconds": round(seconds, 2), "problems_per_minute": round(60 * len(rows) / max(seconds, 1e-9), 2),
+        "throughput": {"seconds": round(seconds, 2),
+                       "problems_per_minute": round(60 * len(rows) / max(seconds, 1e-9), 2),
                        "batch_size": cfg.batch_size, "device": str(model.device)},
         "config": asdict(cfg),
         "problems": rows,
@@ -108,7 +113,8 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
 
 def format_table(result: dict) -> str:
     """A short plain-text table of the summary."""
-    cols = ["accuracy"] + [k for k in result if k.startswith(("maj@", "pass@"))] + (["sample_accuracy"] if "sample_accuracy" in result else [])
+    cols = ["accuracy"] + [k for k in result if k.startswith(("maj@", "pass@"))]
+    cols += ["sample_accuracy"] if "sample_accuracy" in result else []
     lines = [f"{'group':<12} {'n':>5} " + " ".join(f"{c:>15}" for c in cols)]
     groups = list(result.get("by_difficulty", {}).items()) + [("all", result)]
     for name, s in groups:

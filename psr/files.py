@@ -1,11 +1,17 @@
-"""Atomic writes: a reader never sees a half-written artifact, and a killed stage leaves none."""
+"""Files: atomic writes (a reader never sees a half-written artifact, and a killed stage leaves
+none) and the one JSONL reader, whose errors name the file and the line."""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+
+class DataError(ValueError):
+    """A data file that cannot be used; the message names the file, the line and the field."""
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -32,6 +38,22 @@ def write_jsonl_atomic(path: str | Path, rows) -> Path:
     return write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, row) for every non-blank line of a JSONL file; a line that is not a JSON
+    object raises :class:`DataError` naming ``file:line``."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            yield lineno, row
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Every row of a JSONL file (blank lines skipped), checked as :func:`iter_jsonl` does."""
+    return [row for _, row in iter_jsonl(path)]

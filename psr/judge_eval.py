@@ -12,47 +12,44 @@ import random
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
-from psr.files import read_jsonl, write_json_atomic
+from psr.files import DataError, iter_jsonl, write_json_atomic
 from psr.judge import JudgeConfig, StepJudge
 from psr.tasks import TaskConfig, make_task
-from psr.tasks.arithmetic import CORRUPTIONS
-from psr.tasks.jsonl import DataError
 
 
 @dataclass
 class JudgeEvalConfig:
-    model: str = "smollm2-135m"
-    task: TaskConfig = field(default_factory=TaskConfig)
+    """``psr judge-eval``: the model as a pairwise step judge on held-out right-vs-wrong step pairs."""
+
+    model: str = "smollm2-135m"  # the model: hub id, local directory, or a built-in name (smollm2-135m, tiny-random)
+    task: TaskConfig = field(default_factory=TaskConfig)  # built-in pairs: the arithmetic task's test split
     pairs_file: str | None = None  # labelled pairs (prompt/chosen/rejected, chosen = right); else built-in pairs
-    limit: int | None = 200
-    judge: JudgeConfig = field(default_factory=JudgeConfig)
-    seed: int = 0
-    dtype: str | None = None
-    out: str | None = None
+    limit: int | None = 200  # pairs to judge (null: all of pairs_file; 200 built-in ones)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)  # how the judge is asked and its verdicts combined
+    seed: int = 0  # which held-out pairs
+    dtype: str | None = None  # float32, bfloat16, float16 or auto (null: float32 on CPU, bfloat16 on CUDA)
+    out: str | None = None  # write the result JSON here
 
 
 def heldout_step_pairs(task, limit: int, seed: int = 0, split: str = "test") -> list[dict]:
     """Right step vs a corruption of it, at a random step of each held-out problem; corruption kinds cycle."""
     rng = random.Random(f"judge-pairs-{split}-{seed}")
-    rows = []
-    for n, p in enumerate(task.problems(split, limit, seed=seed)):
-        k = rng.randrange(len(p.reference_steps))
-        kind = CORRUPTIONS[n % len(CORRUPTIONS)]
-        rows.append({"question": p.question, "previous_steps": p.reference_steps[:k], "chosen": p.reference_steps[k],
-                     "rejected": task.corrupt_step(p, k, kind, rng), "kind": kind, "step_index": k, "problem_id": p.id})
-    return rows
+    return [{"question": s.problem.question, "previous_steps": s.previous_steps, "chosen": s.chosen,
+             "rejected": s.rejected, "kind": s.kind, "step_index": s.step_index, "problem_id": s.problem.id}
+            for s in task.step_pairs(split, limit, seed, rng, cycle_kinds=True)]
 
 
 def _labelled_pairs(path: str, limit: int | None) -> list[dict]:
     rows = []
-    for lineno, row in enumerate(read_jsonl(path), 1):
+    for lineno, row in iter_jsonl(path):
         for fld in ("chosen", "rejected"):
             if not isinstance(row.get(fld), str):
                 raise DataError(f"{path}:{lineno}: missing field '{fld}'")
         if "question" not in row and "prompt" not in row:
             raise DataError(f"{path}:{lineno}: missing field 'question' (or 'prompt')")
-        rows.append({"question": row.get("question", row.get("prompt")), "previous_steps": row.get("previous_steps", []),
-                     "chosen": row["chosen"], "rejected": row["rejected"], "kind": row.get("kind", "labelled")})
+        rows.append({"question": row.get("question", row.get("prompt")),
+                     "previous_steps": row.get("previous_steps", []), "chosen": row["chosen"],
+                     "rejected": row["rejected"], "kind": row.get("kind", "labelled")})
     return rows[:limit] if limit else rows
 
 

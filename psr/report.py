@@ -48,7 +48,8 @@ def collect(run_dir: str | Path) -> dict:
         for d in rounds:
             train_log = _load(d / "model" / "train_log.json")
             pairs = _load(d / "pair_stats.json")
-            stale = pairs is not None and "ties" not in (pairs.get("judge_in_search") or {})  # older runs: kept steps only
+            # older runs counted kept steps only
+            stale = pairs is not None and "ties" not in (pairs.get("judge_in_search") or {})
             if stale and (d / "search.jsonl").exists():
                 pairs["judge_in_search"] = judge_in_search(read_jsonl(d / "search.jsonl"))
             if pairs is not None and "endings" not in pairs and (d / "pairs.jsonl").exists():
@@ -91,6 +92,13 @@ def _plot_lines(ax, data, value, ylabel, title):
         ax.legend(fontsize=8)
 
 
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path.name
+
+
 def write_plots(run_dir: Path, data: dict) -> list[str]:
     files = []
     bench = _benchmarks(data)
@@ -98,15 +106,13 @@ def write_plots(run_dir: Path, data: dict) -> list[str]:
     fig, ax = plt.subplots(figsize=(6.4, 4))
     _plot_lines(ax, data, {b: (lambda e, b=b: e.get("benchmarks", {}).get(b, {}).get("accuracy")) for b in bench},
                 "accuracy (greedy pass@1)", "Held-out accuracy per model")
-    fig.tight_layout(); fig.savefig(run_dir / "accuracy.png", dpi=120); plt.close(fig)
-    files.append("accuracy.png")
+    files.append(_save(fig, run_dir / "accuracy.png"))
 
     fig, ax = plt.subplots(figsize=(6.4, 4))
     _plot_lines(ax, data, {"judge accuracy": lambda e: (e.get("judge") or {}).get("accuracy"),
                            "order agreement": lambda e: (e.get("judge") or {}).get("order_agreement")},
                 "rate", "Step judge on held-out pairs")
-    fig.tight_layout(); fig.savefig(run_dir / "judge.png", dpi=120); plt.close(fig)
-    files.append("judge.png")
+    files.append(_save(fig, run_dir / "judge.png"))
 
     if data["methods"]:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -117,27 +123,28 @@ def write_plots(run_dir: Path, data: dict) -> list[str]:
                    label=method.upper())
             truth = [(c["round"], c["pairs"].get("truth")) for c in chain if c["pairs"] and c["pairs"].get("truth")]
             if truth:
-                a2.plot([r for r, _ in truth], [t["chosen_right"] for _, t in truth], marker="o", label=f"{method.upper()} chosen right")
+                a2.plot([r for r, _ in truth], [t["chosen_right"] for _, t in truth], marker="o",
+                        label=f"{method.upper()} chosen right")
                 a2.plot([r for r, _ in truth], [t["rejected_wrong"] for _, t in truth], marker="s", linestyle="--",
                         label=f"{method.upper()} rejected wrong")
-        a1.set_xlabel("round"); a1.set_ylabel("pairs"); a1.set_title("Preference pairs per round"); a1.legend(fontsize=8)
-        a2.set_xlabel("round"); a2.set_ylabel("rate"); a2.set_ylim(0, 1.05); a2.set_title("Pair correctness (task truth)")
+        a1.set(xlabel="round", ylabel="pairs", title="Preference pairs per round")
+        a1.legend(fontsize=8)
+        a2.set(xlabel="round", ylabel="rate", ylim=(0, 1.05), title="Pair correctness (task truth)")
         a2.grid(alpha=0.3)
         if a2.get_legend_handles_labels()[0]:
             a2.legend(fontsize=8)
-        fig.tight_layout(); fig.savefig(run_dir / "pairs.png", dpi=120); plt.close(fig)
-        files.append("pairs.png")
+        files.append(_save(fig, run_dir / "pairs.png"))
 
     if bench:
         b0 = bench[0]
         fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(14, 3.8))
-        _plot_lines(a1, data, {b0: lambda e: e.get("benchmarks", {}).get(b0, {}).get("mean_steps")}, "steps", "Steps per solution")
+        _plot_lines(a1, data, {b0: lambda e: e.get("benchmarks", {}).get(b0, {}).get("mean_steps")},
+                    "steps", "Steps per solution")
         _plot_lines(a2, data, {b0: lambda e: e.get("benchmarks", {}).get(b0, {}).get("mean_step_chars")},
                     "characters", "Mean step length")
         _plot_lines(a3, data, {b0: lambda e: e.get("benchmarks", {}).get(b0, {}).get("answered")},
                     "share", "Solutions that give a final answer")
-        fig.tight_layout(); fig.savefig(run_dir / "steps.png", dpi=120); plt.close(fig)
-        files.append("steps.png")
+        files.append(_save(fig, run_dir / "steps.png"))
 
     curves = [(m, c["round"], c["train_log"]) for m, chain in data["methods"].items() for c in chain if c["train_log"]]
     if curves:
@@ -147,11 +154,13 @@ def write_plots(run_dir: Path, data: dict) -> list[str]:
             steps = [h.get("step", i) for i, h in enumerate(hist)]
             a1.plot(steps, [h["loss"] for h in hist], label=f"{method.upper()} round {r}")
             a2.plot(steps, [h.get("rewards/margins") for h in hist], label=f"{method.upper()} round {r}")
-        a1.set_title("DPO loss"); a2.set_title("Reward margin (chosen - rejected)")
+        a1.set_title("DPO loss")
+        a2.set_title("Reward margin (chosen - rejected)")
         for a in (a1, a2):
-            a.set_xlabel("step"); a.grid(alpha=0.3); a.legend(fontsize=8)
-        fig.tight_layout(); fig.savefig(run_dir / "dpo.png", dpi=120); plt.close(fig)
-        files.append("dpo.png")
+            a.set_xlabel("step")
+            a.grid(alpha=0.3)
+            a.legend(fontsize=8)
+        files.append(_save(fig, run_dir / "dpo.png"))
     return files
 
 
@@ -217,27 +226,31 @@ def write_report(run_dir: str | Path) -> Path:
     plots = write_plots(run_dir, data)
     lines = [f"# Run report: {run_dir.name}", "",
              "Accuracy is greedy pass@1 on held-out problems; the judge is scored on held-out right-vs-corrupted "
-             "step pairs (both orders); pairs' correctness uses the task's step truth, which never feeds PSR's or SRLM's "
-             "pairs (the ORACLE arm, when run, is judged by it: what a perfect judge would give).", "",
+             "step pairs (both orders); pairs' correctness uses the task's step truth, which never feeds PSR's or "
+             "SRLM's pairs (the ORACLE arm, when run, is judged by it: what a perfect judge would give).", "",
              markdown_table(summary_rows(data)), ""]
     for method, chain in data["methods"].items():
         for c in chain:
             if c["pairs"]:
                 p = c["pairs"]
-                lines.append(f"- {method.upper()} round {c['round']}: {p['pairs']} pairs from {p['problems']} problems, "
-                             f"search ended {p['status']}, judge order disagreement {p.get('order_disagreement_rate')}, "
+                lines.append(f"- {method.upper()} round {c['round']}: {p['pairs']} pairs from {p['problems']} "
+                             f"problems, search ended {p['status']}, "
+                             f"judge order disagreement {p.get('order_disagreement_rate')}, "
                              f"tie rule fired at {p.get('ties', 0)} steps ({_share(p.get('tie_rate'))})")
                 ends = p.get("endings")
                 if ends and ends["chosen_goes_on_rejected_answers"] + ends["chosen_answers_rejected_goes_on"]:
-                    lines.append(f"  - answer or go on: in {ends['chosen_goes_on_rejected_answers']} of {ends['step_pairs']} pairs the "
-                                 f"chosen step goes on while the rejected one gives the answer; the reverse in "
+                    lines.append(f"  - answer or go on: in {ends['chosen_goes_on_rejected_answers']} of "
+                                 f"{ends['step_pairs']} pairs the chosen step goes on while the rejected one "
+                                 f"gives the answer; the reverse in "
                                  f"{ends['chosen_answers_rejected_goes_on']}")
                 j = p.get("judge_in_search")
                 if j and j["mixed_steps"]:
                     who = "the task's step check (oracle)" if method == "oracle" else "judge on its own candidates"
                     lines.append(f"  - {who}: {j['no_right_candidate']:.0%} of {j['steps']} steps had no "
-                                 f"right candidate, {j.get('ties', 0):.0%} were ties (rolled back); at the {j['mixed_steps']} steps with right and wrong ones it kept a right one "
-                                 f"{j['kept_right_when_mixed']:.0%} of the time (random pick: {j['random_right_when_mixed']:.0%})")
+                                 f"right candidate, {j.get('ties', 0):.0%} were ties (rolled back); at the "
+                                 f"{j['mixed_steps']} steps with right and wrong ones it kept a right one "
+                                 f"{j['kept_right_when_mixed']:.0%} of the time "
+                                 f"(random pick: {j['random_right_when_mixed']:.0%})")
     lines.append("")
     times = stage_times(run_dir)
     if times:

@@ -9,8 +9,8 @@ A run is one folder (``runs/NAME``) holding its config and one folder per stage 
 Every stage writes its artifacts atomically and then a ``<stage>.done`` marker (JSON). Started
 again with the same command, the loop skips finished stages and continues at the first
 unfinished one; the search also resumes inside the stage, chunk by chunk. A changed config is
-refused (naming the changed keys) once any stage is done, unless ``--restart-from`` says where
-to redo from; only appending to ``methods`` is accepted as is (it adds stages after all the others).
+accepted only where no finished stage used the changed keys; ``--restart-from STAGE`` redoes STAGE
+and every later one, so a change that only they use is accepted with it (:func:`check_config_change`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Literal
 
 import yaml
 
-from psr.config import ConfigError, from_dict, load_yaml, to_dict
+from psr.config import ConfigError, from_dict, to_dict
 from psr.distributed import context
 from psr.evaluate import EvalConfig, evaluate
 from psr.files import write_json_atomic, write_text_atomic
@@ -38,37 +37,49 @@ from psr.train.step_dpo import StepDPOConfig
 
 
 @dataclass
-class BenchmarkConfig:
-    """One held-out benchmark evaluated after every stage that makes a model."""
+class BenchmarkConfig(EvalConfig):
+    """One held-out benchmark evaluated after every stage that makes a model: ``psr eval``'s settings
+    (``sampling`` for maj@k, ``dtype``, ...) with a name; the loop sets the model and the output."""
 
-    name: str = "arithmetic"
-    task: TaskConfig = field(default_factory=TaskConfig)
-    split: str = "test"
-    limit: int | None = 100
-    offset: int = 0  # gsm8k/math: skip rows used for training
-    max_new_tokens: int = 256
-    batch_size: int = 32
-    samples: int = 0  # maj@k / pass@k
+    model: str | None = None  # set by the loop: the model of each stage
+    max_new_tokens: int = 256  # per solution
+    seed: int | None = None  # null: the run's seed
+    out: str | None = None  # set by the loop: <stage folder>/eval_<name>.json
+    name: str = "arithmetic"  # names the result files (eval_<name>.json) and the report's columns
     test_time_search: bool = False  # also solve with the step-wise search + own judge at inference (paper Table 5)
     test_time_limit: int | None = None  # problems for the test-time search (default: limit)
+
+    def __post_init__(self):
+        if self.model is not None or self.out is not None:
+            raise ValueError(f"benchmark {self.name}: model and out are set by the loop; leave them out")
+
+    def eval_config(self, model: str, seed: int, out: str) -> EvalConfig:
+        """The ``psr eval`` config of this benchmark for one model."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(EvalConfig)}
+        return EvalConfig(**{**shared, "model": model, "seed": seed if self.seed is None else self.seed, "out": out})
 
 
 @dataclass
 class RunConfig:
-    name: str = "run"
+    """``psr iterate``: a whole run, M0 -> init (M1) -> rounds of search -> step-DPO -> eval, per method."""
+
+    name: str = "run"  # the run's folder is runs/<name> unless --run says otherwise
     model: str = "smollm2-135m"  # M0: built-in name, local directory or hub id
-    seed: int = 0
-    rounds: int = 2
-    # each from the same M1; oracle: PSR's search with the task's step check as the judge (a control arm)
+    seed: int = 0  # the run's one seed: init's seed and data_seed, training, eval; search: seed + 1000 * round
+    rounds: int = 2  # rounds of search -> train -> eval per method
+    # the arms, each from the same M1: psr; srlm (outcome-based baseline); oracle (PSR's search judged by
+    # the task's step check: a control arm)
     methods: list[Literal["psr", "srlm", "oracle"]] = field(default_factory=lambda: ["psr"])
     problems_per_round: int = 32  # search problems per round (new problems every round)
     task: TaskConfig = field(default_factory=TaskConfig)  # where the search's problems come from
-    init: InitConfig = field(default_factory=InitConfig)  # model/out/task/seed are set by the loop
-    search: SearchConfig = field(default_factory=SearchConfig)  # model/out/task/limit/seed/round/method: set by the loop
+    init: InitConfig = field(default_factory=InitConfig)  # model/out/task/seed/data_seed are set by the loop
+    # model/out/task/limit/seed/round/method are set by the loop
+    search: SearchConfig = field(default_factory=SearchConfig)
     train: StepDPOConfig = field(default_factory=StepDPOConfig)  # model/out/pairs/seed: set by the loop
+    # held-out benchmarks, evaluated after every stage that makes a model (on the command line: a YAML list)
     benchmarks: list[BenchmarkConfig] = field(default_factory=lambda: [BenchmarkConfig()])
     judge_eval_limit: int = 100  # held-out step pairs for the judge's accuracy (built-in arithmetic task)
-    eval_m0: bool = True
+    eval_m0: bool = True  # evaluate the starting model too
 
     def __post_init__(self):
         if self.rounds < 0 or self.problems_per_round < 1:
@@ -111,13 +122,13 @@ def eval_stage(cfg: RunConfig, model_dir_of, out_dir: Path, rank: int):
         from psr.models import load_model
 
         model_name = model_dir_of()
-        model, tok = load_model(model_name)
+        loaded = {}  # one copy of the model per dtype the benchmarks ask for
         summary = {"model": model_name, "benchmarks": {}}
         for b in cfg.benchmarks:
-            ecfg = EvalConfig(model=model_name, task=b.task, split=b.split, limit=b.limit, offset=b.offset,
-                              batch_size=b.batch_size, max_new_tokens=b.max_new_tokens, samples=b.samples,
-                              seed=cfg.seed, out=str(out_dir / f"eval_{b.name}.json"))
-            r = evaluate(ecfg, model, tok)
+            if b.dtype not in loaded:
+                loaded[b.dtype] = load_model(model_name, dtype=b.dtype)
+            model, tok = loaded[b.dtype]
+            r = evaluate(b.eval_config(model_name, cfg.seed, str(out_dir / f"eval_{b.name}.json")), model, tok)
             entry = {k: v for k, v in r.items() if k not in ("problems", "config")}
             outputs = [p["output"] for p in r["problems"]]
             entry["mean_steps"] = sum(p["n_steps"] for p in r["problems"]) / max(1, len(outputs))
@@ -129,9 +140,11 @@ def eval_stage(cfg: RunConfig, model_dir_of, out_dir: Path, rank: int):
                 entry["test_time_search_accuracy"] = run_search(scfg, model, tok)["final_accuracy"]
             summary["benchmarks"][b.name] = entry
         if cfg.judge_eval_limit:
-            j = judge_eval(JudgeEvalConfig(model=model_name, task=cfg.task if cfg.task.name == "arithmetic" else TaskConfig(),
-                                           limit=cfg.judge_eval_limit, judge=cfg.search.judge, seed=cfg.seed,
-                                           out=str(out_dir / "judge_eval.json")), model, tok)
+            model, tok = loaded.get(None) or load_model(model_name)
+            task = cfg.task if cfg.task.name == "arithmetic" else TaskConfig()
+            jcfg = JudgeEvalConfig(model=model_name, task=task, limit=cfg.judge_eval_limit, judge=cfg.search.judge,
+                                   seed=cfg.seed, out=str(out_dir / "judge_eval.json"))
+            j = judge_eval(jcfg, model, tok)
             summary["judge"] = {k: v for k, v in j.items() if k not in ("pairs", "config")}
         write_json_atomic(out_dir / "eval.json", summary)
         return {"model": model_name}
@@ -145,7 +158,8 @@ def init_stage(cfg: RunConfig, run_dir: Path):
     def run():
         from psr.train.sft import run_init
 
-        icfg = dataclasses.replace(cfg.init, model=cfg.model, out=str(out), task=cfg.task, seed=cfg.seed)
+        icfg = dataclasses.replace(cfg.init, model=cfg.model, out=str(out), task=cfg.task, seed=cfg.seed,
+                                   data_seed=cfg.seed)
         log = run_init(icfg)
         return {"model": str(out), "seconds_per_step": log.get("seconds_per_step")}
 
@@ -189,7 +203,8 @@ def plan(cfg: RunConfig, run_dir: Path, rank: int = 0) -> list[Stage]:
     """Every stage of the run, in order."""
     stages = []
     if cfg.eval_m0:
-        stages.append(Stage("m0/eval", "eval", run_dir / "m0", eval_stage(cfg, lambda: cfg.model, run_dir / "m0", rank)))
+        m0 = run_dir / "m0"
+        stages.append(Stage("m0/eval", "eval", m0, eval_stage(cfg, lambda: cfg.model, m0, rank)))
     init_dir = run_dir / "init"
     stages.append(Stage("init/init", "init", init_dir, init_stage(cfg, run_dir)))
     stages.append(Stage("init/eval", "eval", init_dir, eval_stage(cfg, lambda: model_of(init_dir), init_dir, rank)))
@@ -199,7 +214,8 @@ def plan(cfg: RunConfig, run_dir: Path, rank: int = 0) -> list[Stage]:
             d = run_dir / method / f"round_{r}"
             stages.append(Stage(f"{method}/round_{r}/search", "search", d, search_stage(cfg, method, r, start, d)))
             stages.append(Stage(f"{method}/round_{r}/train", "train", d, train_stage(cfg, start, d, rank)))
-            stages.append(Stage(f"{method}/round_{r}/eval", "eval", d, eval_stage(cfg, lambda d=d: model_of(d), d, rank)))
+            stages.append(Stage(f"{method}/round_{r}/eval", "eval", d,
+                                eval_stage(cfg, lambda d=d: model_of(d), d, rank)))
             start = d
     return stages
 
@@ -218,22 +234,76 @@ def _flatten(d, prefix=""):
     return out
 
 
+# Settings that change how a stage reports, not what it computes (at any depth), and the run's name:
+# never a config change.
+COSMETIC = {"progress", "report_to", "logging_steps", "logging_dir", "run_name", "log_level", "disable_tqdm"}
+
+
+def _cosmetic(key: str) -> bool:
+    return key == "name" or key.rsplit(".", 1)[-1] in COSMETIC
+
+
 def changed_keys(old: dict, new: dict) -> list[str]:
     a, b = _flatten(old), _flatten(new)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not _cosmetic(k))
 
 
-def load_run_config(path: str | Path) -> RunConfig:
-    data = load_yaml(path)
-    try:
-        return from_dict(RunConfig, data)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from err
+def _kinds_reading(key: str, cfgs: list[RunConfig]) -> set[str] | None:
+    """The kinds of stage whose result depends on config ``key`` directly (None: every stage)."""
+    top, _, rest = key.partition(".")
+    judged = any(c.judge_eval_limit for c in cfgs)  # eval stages judge with search.judge on task's pairs
+    searched = any(b.test_time_search for c in cfgs for b in c.benchmarks)  # eval stages run the search
+    if top in ("init", "train"):
+        return {top}
+    if top == "problems_per_round":
+        return {"search"}
+    if top in ("benchmarks", "judge_eval_limit", "eval_m0"):
+        return {"eval"}
+    if top == "search":
+        return {"search", "eval"} if searched or (judged and rest.startswith("judge.")) else {"search"}
+    if top == "task":
+        return {"init", "search", "eval"} if judged else {"init", "search"}
+    return None  # model, seed, rounds, methods: the whole plan
+
+
+def check_config_change(old: dict, cfg: RunConfig, stages: list[Stage], restart_from: str | None) -> list[str]:
+    """Compare the stored config of a run with the new one; returns the changed keys it accepts.
+
+    A changed key is accepted when no finished stage used it: none from the first stage that reads
+    it on (later stages build on that one's output) or, with ``--restart-from S``, none of those
+    before S (S and every later stage are redone under the new config). Otherwise ConfigError names
+    the keys and the first finished stage each one affects. Cosmetic keys (``progress``,
+    ``report_to``, ...) never count; appending to ``methods`` adds stages after all others."""
+    try:  # compare like with like: the stored config with today's defaults filled in
+        old_cfg = from_dict(RunConfig, old)
+        old = to_dict(old_cfg)
+    except ConfigError:
+        old_cfg = None
+    new = to_dict(cfg)
+    changed = changed_keys(old, new)
+    if "methods" in changed and new["methods"][: len(old.get("methods") or [])] == old.get("methods"):
+        changed.remove("methods")  # methods appended: their stages come after every existing one
+    ids = [s.id for s in stages]
+    stop = ids.index(restart_from) if restart_from is not None else len(stages)
+    refused = []
+    for key in changed:
+        kinds = _kinds_reading(key, [c for c in (old_cfg, cfg) if c is not None])
+        first = next((i for i, s in enumerate(stages) if kinds is None or s.kind in kinds), len(stages))
+        done = next((s.id for s in stages[first:stop] if s.done()), None)
+        if done:
+            refused.append((key, done))
+    if refused:
+        detail = "; ".join(f"{k} is used by finished stage {d}" for k, d in refused)
+        raise ConfigError(
+            f"the config of the run changed since its stages ran ({', '.join(k for k, _ in refused)}): {detail}; "
+            f"start a new run (--run DIR) or redo from that stage with --restart-from STAGE")
+    return changed
 
 
 def iterate(cfg: RunConfig, run_dir: str | Path | None = None, restart_from: str | None = None,
             stop_after: str | None = None, progress: bool = True) -> Path:
-    """Run (or resume) every unfinished stage; returns the run folder."""
+    """Run (or resume) every unfinished stage; returns the run folder. A config that differs from
+    the one stored in the run folder is checked by :func:`check_config_change`, then stored."""
     from rich.console import Console
 
     console = Console(stderr=True)
@@ -246,15 +316,11 @@ def iterate(cfg: RunConfig, run_dir: str | Path | None = None, restart_from: str
 
     stored = run_dir / "config.yaml"
     new = to_dict(cfg)
-    if stored.exists() and restart_from is None and any(s.done() for s in stages):
-        old = yaml.safe_load(stored.read_text())
-        changed = changed_keys(old, new)
-        if changed == ["methods"] and new["methods"][: len(old["methods"])] == old["methods"]:
-            changed = []  # methods appended: their stages come after every existing one, nothing done is affected
-        if changed:
-            raise ConfigError(
-                f"the config of run {run_dir} changed since its stages ran ({', '.join(changed)}); "
-                f"start a new run (--run DIR) or redo from a stage with --restart-from STAGE")
+    if stored.exists():
+        changed = check_config_change(yaml.safe_load(stored.read_text()), cfg, stages, restart_from)
+        if changed and rank == 0:
+            console.print(f"config of {run_dir} changed: {', '.join(changed)} (no finished stage used them"
+                          f"{' before ' + restart_from if restart_from else ''}); {stored} updated")
     if rank == 0:
         if restart_from is not None:  # redo on purpose: forget this stage and every later one
             for s in stages[ids.index(restart_from):]:
@@ -274,7 +340,8 @@ def iterate(cfg: RunConfig, run_dir: str | Path | None = None, restart_from: str
         info = stage.run() or {}
         barrier()
         if rank == 0:
-            write_json_atomic(stage.marker, {**info, "stage": stage.id, "seconds": round(time.perf_counter() - started, 1),
+            seconds = round(time.perf_counter() - started, 1)
+            write_json_atomic(stage.marker, {**info, "stage": stage.id, "seconds": seconds,
                                              "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")})
         barrier()
         if stop_after and stage.kind == stop_after:
@@ -287,13 +354,3 @@ def iterate(cfg: RunConfig, run_dir: str | Path | None = None, restart_from: str
         print(f"report: {report}")
     return run_dir
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python recipes/iterate.py --config C``: the same as ``psr iterate --config C``."""
-    from psr.cli import main as cli_main
-
-    return cli_main(["iterate", *(sys.argv[1:] if argv is None else argv)])
-
-
-def run_from_args(args) -> Path:
-    return iterate(load_run_config(args.config), args.run, args.restart_from, args.stop_after)

@@ -51,7 +51,7 @@ def test_gsm8k_thousands_separator_in_prediction():
     import json
 
     with GSM8K.open() as f:
-        gold = next(g for g in (gsm8k_gold(json.loads(l)["answer"]) for l in f) if g.isdigit() and int(g) >= 1000)
+        gold = next(g for g in (gsm8k_gold(json.loads(line)["answer"]) for line in f) if g.isdigit() and int(g) >= 1000)
     with_commas = f"{int(gold):,}"
     assert "," in with_commas
     assert is_correct(gold, f"The answer is \\boxed{{{with_commas}}}.")

@@ -39,7 +39,8 @@ def pairs(tmp_path):
 
 def _check(ranks: dict, out: Path, distributed_type: str):
     assert sorted(ranks) == [0, 1]
-    assert all(r["world_size"] == 2 and r["steps"] == 3 and distributed_type in r["distributed_type"] for r in ranks.values())
+    assert all(r["world_size"] == 2 and r["steps"] == 3 and distributed_type in r["distributed_type"]
+               for r in ranks.values())
     assert ranks[0]["sha256"] == ranks[1]["sha256"]  # data-parallel ranks end with identical weights
     model, _ = load_model(str(out), device="cpu")  # the saved model is complete and loads
     start, _ = load_model("tiny-random", device="cpu")
@@ -62,7 +63,8 @@ def test_sft_two_cpu_processes_end_identical(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="DeepSpeed needs a C++ compiler")
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="DeepSpeed needs a C++ compiler")
 def test_step_dpo_deepspeed_zero2_on_cpu(tmp_path, pairs):
     pytest.importorskip("deepspeed")
     out, sums = tmp_path / "model", tmp_path / "checksums"

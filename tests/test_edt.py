@@ -155,8 +155,10 @@ def test_generate_with_edt_is_seeded_and_scales_once(tiny):
     model, tok = tiny
     prompts = [render_prompt(tok, q) for q in ["What is 2 + 3?", "Mia has 5 apples. She eats 2. How many are left?"]]
     edt = SamplingConfig(policy="edt", t0=0.8, theta=0.5)
-    run = lambda cfg, seed: generate(model, tok, prompts, cfg, max_new_tokens=16, num_samples=3, seed=seed,
-                                     batch_size=6, progress=False)
+    def run(cfg, seed):
+        return generate(model, tok, prompts, cfg, max_new_tokens=16, num_samples=3, seed=seed, batch_size=6,
+                        progress=False)
+
     a, b = run(edt, 7), run(edt, 7)
     assert a == b and all(len(x) == 3 for x in a)
     assert run(edt, 8) != a
@@ -176,15 +178,21 @@ def test_psr_eval_maj_at_k_with_edt(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(psr.evaluate, "evaluate", lambda cfg: seen.setdefault("cfg", cfg))
     monkeypatch.setattr(psr.evaluate, "format_table", lambda result: "")
-    assert main(["eval", "--model", "tiny-random", "--samples", "4", "--t0", "0.9", "--theta", "0.2"]) == 0
+    assert main(["eval", "--model", "tiny-random", "--samples", "4", "--sampling.policy", "edt", "--sampling.t0", "0.9",
+                 "--sampling.theta", "0.2"]) == 0
     s = seen.pop("cfg").sampling
     assert (s.policy, s.t0, s.theta, s.n) == ("edt", 0.9, 0.2, 0.8)
-    assert main(["eval", "--model", "tiny-random", "--samples", "4", "--temperature", "0.3"]) == 0
+    assert main(["eval", "--model", "tiny-random", "--samples", "4", "--policy", "fixed",
+                 "--sampling.temperature", "0.3"]) == 0
     s = seen.pop("cfg").sampling
     assert (s.policy, s.temperature) == ("fixed", 0.3)
+    # A partial sampling block keeps the rest of EvalConfig's own default (fixed, T = 0.7), not SamplingConfig's greedy.
+    assert main(["eval", "--model", "tiny-random", "--samples", "4", "--sampling.top-p", "0.8"]) == 0
+    s = seen.pop("cfg").sampling
+    assert (s.policy, s.temperature, s.top_p) == ("fixed", 0.7, 0.8)
     cfg = tmp_path / "eval.yaml"
     cfg.write_text("sampling:\n  policy: edt\n  theta: 1.0\n")
-    assert main(["eval", "--config", str(cfg), "--top-p", "0.9"]) == 0
+    assert main(["eval", "--config", str(cfg), "--sampling.top_p", "0.9"]) == 0
     s = seen.pop("cfg").sampling
     assert (s.policy, s.theta, s.top_p) == ("edt", 1.0, 0.9)
     assert main(["eval", "--model", "tiny-random"]) == 0

@@ -1,8 +1,8 @@
 """The loop: tiny recipe end to end, resume after SIGKILL, config-change refusal, report, recipes, SLURM."""
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from psr.config import ConfigError
-from psr.rounds import iterate, load_run_config
+from psr.config import ConfigError, load_config
+from psr.rounds import RunConfig, iterate
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "recipes" / "tiny.yaml"
+TINY = ROOT / "recipes" / "tiny" / "iterate" / "config_tiny.yaml"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
 
@@ -63,7 +63,8 @@ def test_tiny_loop_survives_sigkill_and_matches_an_uninterrupted_run(tmp_path):
         time.sleep(0.2)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert (killed_dir / "init" / "init.done").exists() and not (killed_dir / "psr" / "round_1" / "search.done").exists()
+    assert (killed_dir / "init" / "init.done").exists()
+    assert not (killed_dir / "psr" / "round_1" / "search.done").exists()
     resumed = _run(killed_dir)
     out, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, out[-3000:]
@@ -91,37 +92,38 @@ def test_tiny_loop_survives_sigkill_and_matches_an_uninterrupted_run(tmp_path):
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match=r"train\.beta"):
-        iterate(load_run_config(changed), killed_dir, progress=False)
-    # ... unless the run is told where to redo from; then only that stage and later ones are redone.
-    before = json.loads((killed_dir / "psr" / "round_1" / "train.done").read_text())
-    iterate(load_run_config(changed), killed_dir, restart_from="psr/round_2/train", progress=False)
-    assert json.loads((killed_dir / "psr" / "round_1" / "train.done").read_text()) == before
+        iterate(load_config(RunConfig, changed), killed_dir, progress=False)
+    # ... and with --restart-from only when no finished stage before the restart point used it ...
+    with pytest.raises(ConfigError, match=r"train\.beta is used by finished stage psr/round_1/train"):
+        iterate(load_config(RunConfig, changed), killed_dir, restart_from="psr/round_2/train", progress=False)
+    # ... then only that stage and later ones are redone, under the new config.
+    before = json.loads((killed_dir / "psr" / "round_1" / "search.done").read_text())
+    trained = json.loads((killed_dir / "psr" / "round_1" / "train.done").read_text())
+    iterate(load_config(RunConfig, changed), killed_dir, restart_from="psr/round_1/train", progress=False)
+    assert json.loads((killed_dir / "psr" / "round_1" / "search.done").read_text()) == before
+    assert json.loads((killed_dir / "psr" / "round_1" / "train.done").read_text()) != trained
     assert yaml.safe_load((killed_dir / "config.yaml").read_text())["train"]["beta"] == 0.5
 
 
 def test_unknown_restart_stage_and_bad_keys_are_named(tmp_path):
     with pytest.raises(ConfigError, match="no such stage"):
-        iterate(load_run_config(TINY), tmp_path / "r", restart_from="psr/round_9/search", progress=False)
+        iterate(load_config(RunConfig, TINY), tmp_path / "r", restart_from="psr/round_9/search", progress=False)
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nsearch:\n  widht: 3\n")
     with pytest.raises(ConfigError, match=r"unknown key search.widht"):
-        load_run_config(bad)
+        load_config(RunConfig, bad)
 
 
 @pytest.mark.parametrize("recipe", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").rglob("*.yaml")))
 def test_every_recipe_validates(recipe):
-    """Run recipes (GPU ones included, which cannot run here) and per-stage recipes parse strictly."""
-    from psr.config import load_config
-    from psr.evaluate import EvalConfig
-    from psr.search import SearchConfig
-    from psr.train.sft import InitConfig
-    from psr.train.step_dpo import StepDPOConfig
+    """recipes/<model>/<stage>/config_<variant>.yaml: each parses strictly into its command's config
+    (run recipes under iterate/, GPU ones included, which cannot run here)."""
+    from psr.cli import COMMANDS, config_class
 
-    stage = {"eval": EvalConfig, "init": InitConfig, "train": StepDPOConfig, "search": SearchConfig}.get(Path(recipe).stem.split("_")[0])
-    if stage and Path(recipe).parent.name != "recipes":
-        load_config(stage, ROOT / recipe)
-    else:
-        cfg = load_run_config(ROOT / recipe)
+    model, stage, name = Path(recipe).parts[1:]
+    assert stage in COMMANDS and name.startswith("config_"), recipe
+    cfg = load_config(config_class(stage), ROOT / recipe)
+    if stage == "iterate":
         assert cfg.rounds >= 1 and cfg.methods
 
 
@@ -135,18 +137,21 @@ def test_slurm_scripts_parse_and_build_the_launch_command(tmp_path):
     (fake_bin / "scontrol").chmod(0o755)
     env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "PSR_DRY_RUN": "1", "SLURM_NNODES": "2",
            "SLURM_JOB_NODELIST": "gpu-node-[01-02]"}
-    out = subprocess.run(["bash", str(ROOT / "recipes" / "slurm" / "multinode.sbatch"), "recipes/qwen2.5-math-7b/psr.yaml"],
-                         env=env, capture_output=True, text=True, cwd=ROOT)
+    qwen = "recipes/qwen2.5-math-7b/iterate/config_psr.yaml"
+    out = subprocess.run(["bash", str(ROOT / "recipes" / "slurm" / "multinode.sbatch"), qwen], env=env,
+                         capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == (
-        'srun --nodes=2 --ntasks-per-node=1 bash -c "accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml '
+        'srun --nodes=2 --ntasks-per-node=1 bash -c "accelerate launch '
+        "--config_file accelerate_configs/deepspeed_zero3.yaml "
         "--num_machines 2 --num_processes 16 --machine_rank $SLURM_NODEID --main_process_ip gpu-node-01 "
-        '--main_process_port 29500 --rdzv_backend c10d recipes/iterate.py --config recipes/qwen2.5-math-7b/psr.yaml "')
-    out = subprocess.run(["bash", str(ROOT / "recipes" / "slurm" / "stage.sbatch"), "recipes/demo.yaml", "search"],
-                         env=env, capture_output=True, text=True, cwd=ROOT)
+        f'--main_process_port 29500 --rdzv_backend c10d recipes/iterate.py --config {qwen} "')
+    demo = "recipes/smollm2/iterate/config_demo.yaml"
+    out = subprocess.run(["bash", str(ROOT / "recipes" / "slurm" / "stage.sbatch"), demo, "search"], env=env,
+                         capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.split() == ["accelerate", "launch", "--config_file", "accelerate_configs/deepspeed_zero3.yaml",
                                   "--num_machines", "1", "--num_processes", "8", "recipes/iterate.py", "--config",
-                                  "recipes/demo.yaml", "--stop-after", "search"]
+                                  demo, "--stop-after", "search"]
 
 
 def test_srlm_rounds_then_the_oracle_arm_appended_through_the_loop(tmp_path):
@@ -155,8 +160,8 @@ def test_srlm_rounds_then_the_oracle_arm_appended_through_the_loop(tmp_path):
     data["search"]["srlm"] = {"samples": 3, "max_new_tokens": 12}
     recipe = tmp_path / "srlm.yaml"
     recipe.write_text(yaml.safe_dump(data))
-    run = iterate(load_run_config(recipe), tmp_path / "run", progress=False)
-    pairs = [json.loads(l) for l in (run / "srlm" / "round_1" / "pairs.jsonl").open()]
+    run = iterate(load_config(RunConfig, recipe), tmp_path / "run", progress=False)
+    pairs = [json.loads(line) for line in (run / "srlm" / "round_1" / "pairs.jsonl").open()]
     assert all(p["kind"] == "solution" and p["method"] == "srlm" for p in pairs)
     summary = json.loads((run / "srlm" / "round_1" / "eval.json").read_text())
     assert 0.0 <= summary["benchmarks"]["arithmetic"]["test_time_search_accuracy"] <= 1.0
@@ -169,16 +174,16 @@ def test_srlm_rounds_then_the_oracle_arm_appended_through_the_loop(tmp_path):
     data["methods"] = ["oracle", "srlm"]
     recipe.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match=r"\(methods\)"):
-        iterate(load_run_config(recipe), run, progress=False)
+        iterate(load_config(RunConfig, recipe), run, progress=False)
     data["methods"] = ["srlm", "oracle"]
     recipe.write_text(yaml.safe_dump(data))
-    iterate(load_run_config(recipe), run, progress=False)
+    iterate(load_config(RunConfig, recipe), run, progress=False)
     assert (run / "srlm" / "round_1" / "train.done").read_text() == srlm_done
     assert (run / "oracle" / "round_1" / "eval.done").exists()
-    traces = [json.loads(l) for l in (run / "oracle" / "round_1" / "search.jsonl").open()]
+    traces = [json.loads(line) for line in (run / "oracle" / "round_1" / "search.jsonl").open()]
     for e in (e for t in traces for e in t["events"]):
         right = [c is True for c in e["candidate_correct"]]
         assert e["tie"] == (all(right) or not any(right))  # the task's step check judged, not the model
-    pairs = [json.loads(l) for l in (run / "oracle" / "round_1" / "pairs.jsonl").open()]
+    pairs = [json.loads(line) for line in (run / "oracle" / "round_1" / "pairs.jsonl").open()]
     assert all(p["chosen_correct"] is True and p["rejected_correct"] is False for p in pairs)
     assert "ORACLE round 1" in (run / "report.md").read_text()

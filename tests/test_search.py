@@ -65,7 +65,8 @@ def _rank_right(p):
 def test_search_picks_argmax_and_argmin_and_stops_at_answer(problem):
     task = ArithmeticTask()
     cfg = SearchConfig(width=4, max_steps=20)
-    trace = search_chunk([problem], task, scripted_proposer(_reference_script(problem)), ScriptedJudge(_rank_right(problem)), cfg)[0]
+    proposer, judge = scripted_proposer(_reference_script(problem)), ScriptedJudge(_rank_right(problem))
+    trace = search_chunk([problem], task, proposer, judge, cfg)[0]
     assert trace["path"] == problem.reference_steps and trace["status"] == "answered" and trace["final_correct"]
     for e in trace["events"]:
         assert e["scores"] == [1, 2, 0, 2]
@@ -144,8 +145,8 @@ def test_truth_judge_keeps_right_steps_and_rolls_back_where_none_is_right(proble
 def test_truth_judge_is_refused_for_a_task_without_step_truth(tmp_path):
     data = tmp_path / "gsm.jsonl"
     data.write_text(json.dumps({"question": "1 + 1?", "answer": "#### 2"}) + "\n")
-    cfg = SearchConfig(model="tiny-random", task=TaskConfig(name="gsm8k", data=str(data)), judge=JudgeConfig(mode="truth"),
-                       out=str(tmp_path / "out"))
+    cfg = SearchConfig(model="tiny-random", task=TaskConfig(name="gsm8k", data=str(data)),
+                       judge=JudgeConfig(mode="truth"), out=str(tmp_path / "out"))
     with pytest.raises(ConfigError, match="judge.mode 'truth'.*'gsm8k'"):
         run_search(cfg, progress=False)
 
@@ -168,7 +169,8 @@ def test_pair_filters():
          "best": 0, "worst": 1, "scores": [1, 0], "candidate_correct": [None, None]},
         {"kept": True, "step_index": 0, "previous_steps": [], "candidates": ["Step 1: a", "Step 1: c"],
          "best": 0, "worst": 1, "scores": [3, 2], "candidate_correct": [None, None]},
-        {"kept": True, "step_index": 0, "previous_steps": [], "candidates": ["Step 1: a", "  "],  # the model stopped at once
+        # the model stopped at once
+        {"kept": True, "step_index": 0, "previous_steps": [], "candidates": ["Step 1: a", "  "],
          "best": 0, "worst": 1, "scores": [1, 0], "candidate_correct": [None, None]},
     ]}
     kept = build_pairs([trace], _FakeTok(), PairsConfig(max_step_tokens=20))
@@ -310,7 +312,8 @@ def test_ending_pairs_count_which_way_the_judge_leans_between_answering_and_goin
              {"kind": "step", "chosen": answer, "rejected": go_on},
              {"kind": "step", "chosen": go_on, "rejected": "Step 3: 4 + 5 = 10."},  # neither answers
              {"kind": "solution", "chosen": go_on, "rejected": answer}]  # SRLM rows are whole solutions
-    assert ending_pairs(pairs) == {"step_pairs": 4, "chosen_goes_on_rejected_answers": 2, "chosen_answers_rejected_goes_on": 1}
+    assert ending_pairs(pairs) == {"step_pairs": 4, "chosen_goes_on_rejected_answers": 2,
+                                   "chosen_answers_rejected_goes_on": 1}
     assert ending_pairs(pairs[-1:]) is None
 
 
@@ -347,7 +350,8 @@ def test_logits_judge_scores_bf16_models_in_float32(tiny):
 
     model, tok = tiny
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    items = [("Tom has 5 apples and eats 2. How many?", [], ["Step 1: 5 - 2 = 3.", "Step 1: 5 + 2 = 7.", "Step 1: hmm"])]
+    candidates = ["Step 1: 5 - 2 = 3.", "Step 1: 5 + 2 = 7.", "Step 1: hmm"]
+    items = [("Tom has 5 apples and eats 2. How many?", [], candidates)]
     judge = StepJudge(bf16, tok, JudgeConfig(prefix_reuse=False, batch_size=1))  # no padding: same as below
     scores = judge.compare(items)[0].order_scores
     prompts = [judge.prompt(items[0][0], [], items[0][2][int(k[0])], items[0][2][int(k[2])], True) for k in scores]
@@ -358,7 +362,8 @@ def test_logits_judge_scores_bf16_models_in_float32(tiny):
             hidden = bf16.get_decoder()(**ids).last_hidden_state[0, -1].double()
             logits = bf16.get_output_embeddings().weight[judge.choice_ids].double() @ hidden
             expected.append(torch.softmax(logits, dim=-1)[0].item())
-    assert torch.allclose(torch.tensor(list(scores.values()), dtype=torch.float64), torch.tensor(expected, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(torch.tensor(list(scores.values()), dtype=torch.float64),
+                          torch.tensor(expected, dtype=torch.float64), atol=1e-6)
 
 
 def test_generate_judge_counts_unparseable_without_crashing(tiny):
@@ -384,7 +389,7 @@ def test_search_end_to_end_on_tiny_random_and_resume(tmp_path, tiny):
     model, tok = tiny
     cfg = _tiny_search_cfg(tmp_path / "run")
     stats = run_search(cfg, model, tok, progress=False)
-    traces = [json.loads(l) for l in (tmp_path / "run" / "search.jsonl").open()]
+    traces = [json.loads(line) for line in (tmp_path / "run" / "search.jsonl").open()]
     assert [t["problem_id"] for t in traces] == [f"arith-train-7-{i:05d}" for i in range(4)]
     for t in traces:
         assert t["status"] in ("answered", "max_steps", "gave_up", "empty_step")
@@ -410,10 +415,12 @@ def test_srlm_baseline_on_tiny_random(tmp_path, tiny):
     model, tok = tiny
     cfg = _tiny_search_cfg(tmp_path / "srlm", method="srlm", srlm={"samples": 3, "max_new_tokens": 16})
     stats = run_search(cfg, model, tok, progress=False)
-    traces = [json.loads(l) for l in (tmp_path / "srlm" / "search.jsonl").open()]
-    assert all(len(t["samples"]) == 3 and len(t["scores"]) == 3 and all(0 <= s <= 5 for s in t["scores"]) for t in traces)
-    pairs = [json.loads(l) for l in (tmp_path / "srlm" / "pairs.jsonl").open()]
-    assert len(pairs) == stats["pairs"] and all(p["kind"] == "solution" and p["chosen_score"] > p["rejected_score"] for p in pairs)
+    traces = [json.loads(line) for line in (tmp_path / "srlm" / "search.jsonl").open()]
+    assert all(len(t["samples"]) == 3 and len(t["scores"]) == 3 and all(0 <= s <= 5 for s in t["scores"])
+               for t in traces)
+    pairs = [json.loads(line) for line in (tmp_path / "srlm" / "pairs.jsonl").open()]
+    assert len(pairs) == stats["pairs"]
+    assert all(p["kind"] == "solution" and p["chosen_score"] > p["rejected_score"] for p in pairs)
 
 
 def test_pairs_are_accepted_by_trl_dpo_trainer(tmp_path, tiny):
@@ -471,7 +478,8 @@ def test_judge_eval_on_builtin_and_labelled_pairs(tmp_path, capsys):
     assert main(["judge-eval", "--model", "tiny-random", "--limit", "8", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["n"] == 8 and 0 <= r["accuracy"] <= r["per_order_accuracy"] + 0.5 and 0 <= r["position_bias_share_A"] <= 1
-    # both aggregations recomputed from the stored per-order P(A): agree = both orders right, sum = P(A|right first) > P(A|right second)
+    # both aggregations recomputed from the stored per-order P(A): agree = both orders right,
+    # sum = P(A|right first) > P(A|right second)
     verdicts = [p["verdicts"] for p in r["pairs"]]
     assert r["accuracy_by_aggregation"]["agree"] == sum(a > 0.5 > b for a, b in verdicts) / 8 == r["accuracy"]
     assert r["accuracy_by_aggregation"]["sum"] == sum(a > b for a, b in verdicts) / 8

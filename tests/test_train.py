@@ -39,7 +39,8 @@ def _first_batch(trainer):
 
 # ---- step-DPO: the tokenised batch ----------------------------------------------------------
 def test_step_tokens_carry_the_loss_and_no_eos_follows_a_step(tmp_path, tok, pairs_file):
-    cfg = StepDPOConfig(model="tiny-random", pairs=str(pairs_file), out=str(tmp_path / "m"), batch_size=4, max_steps=1, **FAST)
+    cfg = StepDPOConfig(model="tiny-random", pairs=str(pairs_file), out=str(tmp_path / "m"), batch_size=4, max_steps=1,
+                        **FAST)
     trainer = build_dpo_trainer(cfg)
     rows = load_pairs(pairs_file)
     eos = tok.eos_token_id
@@ -63,7 +64,7 @@ def test_step_tokens_carry_the_loss_and_no_eos_follows_a_step(tmp_path, tok, pai
         last_real = int(attn[i].nonzero().max())
         assert mask[i, last_real] == 1 and ids[i, last_real] != eos  # the sequence ends on the step's own last token
         first = int(mask[i].nonzero().min())
-        assert tok.decode(ids[i, :first]).endswith("<|im_start|>assistant\n") or tok.decode(ids[i, :first]).endswith("\n")
+        assert tok.decode(ids[i, :first]).endswith(("<|im_start|>assistant\n", "\n"))
 
 
 def test_plain_trl_would_append_eos(tmp_path, tok, pairs_file):
@@ -180,12 +181,14 @@ def test_bad_pairs_through_the_cli(tmp_path, capsys):
     path.write_text('{"prompt": "p\\n", "chosen": "Step 1: a"}\n')
     assert main(["train", "--model", "tiny-random", "--pairs", str(path), "--out", str(tmp_path / "m")]) == 2
     assert f"{path}:1: missing field 'rejected'" in capsys.readouterr().err
-    assert main(["train", "--model", "tiny-random", "--pairs", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "m")]) == 2
+    missing = str(tmp_path / "none.jsonl")
+    assert main(["train", "--model", "tiny-random", "--pairs", missing, "--out", str(tmp_path / "m")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
     path.write_text('{"prompt": "p", "chosen": "a", "rejected": "b", "question": "q"}\n')
     with pytest.raises(DataError, match=":1: missing field 'previous_steps'"):
-        load_pairs(path, ("prompt", "chosen", "rejected", "question", "previous_steps"))  # what prompt_from: render needs
+        # what prompt_from: render needs
+        load_pairs(path, ("prompt", "chosen", "rejected", "question", "previous_steps"))
 
 
 # ---- SFT (init) ------------------------------------------------------------------------------
@@ -237,7 +240,8 @@ def test_ift_and_eft_from_files(tmp_path, tok):
     assert rows[0]["prompt"].endswith("<|im_start|>assistant\n") and rows[2]["prompt"] == "raw prompt\n"
     eft = tmp_path / "eft.jsonl"
     eft.write_text(json.dumps({"question": "q", "previous_steps": [], "step_a": "Step 1: 1 + 1 = 2.",
-                               "step_b": "Step 1: 1 + 1 = 3.", "verdict": "A", "justification": "A adds right."}) + "\n")
+                               "step_b": "Step 1: 1 + 1 = 3.", "verdict": "A",
+                               "justification": "A adds right."}) + "\n")
     assert read_eft_file(str(eft), tok)[0]["completion"] == "Verdict: [[A]]"
     assert read_eft_file(str(eft), tok, with_justification=True)[0]["completion"] == "A adds right.\nVerdict: [[A]]"
     cfg = InitConfig(model="tiny-random", ift_data=str(ift), eft_data=str(eft))
@@ -254,7 +258,8 @@ def test_ift_and_eft_from_files(tmp_path, tok):
     for content, message in [
         ({"question": "q", "step_a": "a", "step_b": "b", "verdict": "C"}, ":1: field 'verdict' must be"),
         ({"question": "q", "step_a": "a", "verdict": "A"}, ":1: missing or empty field 'step_b'"),
-        ({"question": "q", "step_a": "a", "step_b": "b", "verdict": "A", "previous_steps": "x"}, "'previous_steps' must be a list"),
+        ({"question": "q", "step_a": "a", "step_b": "b", "verdict": "A", "previous_steps": "x"},
+         "'previous_steps' must be a list"),
     ]:
         eft.write_text(json.dumps(content) + "\n")
         with pytest.raises(DataError, match=message):
@@ -284,10 +289,10 @@ def test_cli_init_train_eval_quick_forms(tmp_path, capsys, tok):
 
 
 def test_recipes_and_bad_configs(tmp_path):
-    for name in ("smollm2/init.yaml", "tiny/init.yaml"):
+    for name in ("smollm2/init/config_full.yaml", "tiny/init/config_tiny.yaml"):
         cfg = load_config(InitConfig, ROOT / "recipes" / name)
         assert cfg.ift_examples and cfg.eft_examples
-    for name in ("smollm2/train.yaml", "tiny/train.yaml"):
+    for name in ("smollm2/train/config_full.yaml", "tiny/train/config_tiny.yaml"):
         cfg = load_config(StepDPOConfig, ROOT / "recipes" / name)
         assert cfg.beta > 0
     bad = tmp_path / "bad.yaml"
@@ -300,20 +305,20 @@ def test_recipes_and_bad_configs(tmp_path):
 
 
 def test_tiny_recipes_run_end_to_end(tmp_path):
-    """recipes/tiny/*.yaml as `psr init` / `psr train` run them (outputs redirected to tmp)."""
+    """recipes/tiny/{init,train}/config_tiny.yaml as `psr init` / `psr train` run them (outputs redirected to tmp)."""
     m1 = tmp_path / "init"
-    assert main(["init", "--config", str(ROOT / "recipes/tiny/init.yaml"), "--out", str(m1)]) == 0
+    assert main(["init", "--config", str(ROOT / "recipes/tiny/init/config_tiny.yaml"), "--out", str(m1)]) == 0
     tok = load_tokenizer(str(m1))
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in oracle_pairs(tok, 8)))
-    assert main(["train", "--config", str(ROOT / "recipes/tiny/train.yaml"), "--model", str(m1), "--pairs", str(pairs),
-                 "--out", str(tmp_path / "round_1")]) == 0
+    assert main(["train", "--config", str(ROOT / "recipes/tiny/train/config_tiny.yaml"), "--model", str(m1),
+                 "--pairs", str(pairs), "--out", str(tmp_path / "round_1")]) == 0
     assert (tmp_path / "round_1" / "model.safetensors").exists()
 
 
 def test_grouped_batches_hold_one_kind_and_both_orders_of_a_pair(tmp_path):
-    cfg = InitConfig(model="tiny-random", out=str(tmp_path / "g"), ift_examples=6, eft_examples=12, eft_both_orders=True,
-                     batch_size=4, batching="grouped", max_steps=1, **FAST)
+    cfg = InitConfig(model="tiny-random", out=str(tmp_path / "g"), ift_examples=6, eft_examples=12,
+                     eft_both_orders=True, batch_size=4, batching="grouped", max_steps=1, **FAST)
     trainer = build_sft_trainer(cfg)
     tok = trainer.processing_class
     batches = [[tok.decode(x) for x in b["input_ids"]] for b in trainer.get_train_dataloader()]

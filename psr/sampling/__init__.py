@@ -20,7 +20,7 @@ class SamplingConfig:
     """``greedy``; ``fixed`` temperature + top-p; or ``edt`` (entropy-based dynamic temperature,
     T = t0 * n ** (theta / H) per row, then top-p)."""
 
-    policy: Literal["greedy", "fixed", "edt"] = "greedy"
+    policy: Literal["greedy", "fixed", "edt"] = "greedy"  # greedy decoding, fixed temperature, or EDT
     temperature: float = 0.7  # fixed
     top_p: float = 0.95  # fixed and edt
     t0: float = 0.8  # edt: upper bound of the temperature
@@ -33,7 +33,8 @@ class SamplingConfig:
         if self.policy == "fixed" and self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 for policy fixed (use policy: greedy), got {self.temperature}")
         if self.policy == "edt" and not (0 < self.n < 1 and self.t0 > 0 and self.theta > 0):
-            raise ValueError(f"edt needs 0 < n < 1, t0 > 0, theta > 0; got n={self.n}, t0={self.t0}, theta={self.theta}")
+            raise ValueError(f"edt needs 0 < n < 1, t0 > 0, theta > 0; "
+                             f"got n={self.n}, t0={self.t0}, theta={self.theta}")
 
     def generate_kwargs(self) -> dict:
         """Keyword arguments for ``model.generate`` implementing this policy."""

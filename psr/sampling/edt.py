@@ -57,6 +57,7 @@ class EDTLogitsProcessor(LogitsProcessor):
         if greedy.any():
             # Keep only the argmax of a greedy row, at its own (finite) logit; everything else -inf.
             top = logits.argmax(dim=-1, keepdim=True)
-            only_top = torch.full_like(logits, float("-inf")).scatter_(1, top, logits.gather(1, top).clamp_(max=_FLOAT32_MAX))
+            top_logits = logits.gather(1, top).clamp_(max=_FLOAT32_MAX)
+            only_top = torch.full_like(logits, float("-inf")).scatter_(1, top, top_logits)
             scaled = torch.where(greedy[:, None], only_top, scaled)
         return scaled

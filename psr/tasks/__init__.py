@@ -14,13 +14,15 @@ TASKS = ("arithmetic", "gsm8k", "math")
 
 @dataclass
 class TaskConfig:
-    name: Literal["arithmetic", "gsm8k", "math"] = "arithmetic"
-    data: str | None = None  # gsm8k/math: a JSONL path or a hub id
-    min_steps: int = 2  # arithmetic difficulty knobs
-    max_steps: int = 6
-    max_operand: int = 20
+    """Where problems come from: the built-in arithmetic generator or a GSM8K/MATH-style JSONL."""
+
+    name: Literal["arithmetic", "gsm8k", "math"] = "arithmetic"  # arithmetic: built-in, exact step truth
+    data: str | None = None  # gsm8k/math: a JSONL path or a hub id (id:split, e.g. openai/gsm8k:test)
+    min_steps: int = 2  # arithmetic: fewest steps (operations) per problem
+    max_steps: int = 6  # arithmetic: most steps per problem
+    max_operand: int = 20  # arithmetic: largest operand
     question_field: str = "question"  # gsm8k/math: field names in the data (e.g. problem/solution for NuminaMath)
-    answer_field: str = "answer"
+    answer_field: str = "answer"  # gsm8k/math: the field holding the reference solution with the gold answer
 
 
 def make_task(cfg: TaskConfig | str, data: str | None = None) -> Task:

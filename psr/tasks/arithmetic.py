@@ -1,9 +1,9 @@
 """Built-in task: seeded multi-step arithmetic word problems whose every step is known.
 
-Each problem is a chain: a starting quantity, then ``n_steps`` operations; each step applies exactly one operation (+, -, *, /) to the running total,
-the first step combining the starting quantity with the first change. Every intermediate
-result is known, so a model's step can be checked exactly, and a right step can be corrupted
-into a surely wrong one (for judge training and evaluation).
+Each problem is a chain: a starting quantity, then ``n_steps`` operations; each step applies exactly
+one operation (+, -, *, /) to the running total, the first step combining the starting quantity with
+the first change. Every intermediate result is known, so a model's step can be checked exactly, and
+a right step can be corrupted into a surely wrong one (for judge training and evaluation).
 
 Train and test never share a problem: a problem's split is decided by a hash of its text.
 """
@@ -70,6 +70,18 @@ def _step_text(n: int, a, op: str, b, result, final: bool) -> str:
 
 
 @dataclass
+class StepPair:
+    """A right step against a surely wrong one at the same point of a problem (exact truth)."""
+
+    problem: Problem
+    step_index: int  # 0-based: the pair continues ``previous_steps`` = the first ``step_index`` reference steps
+    previous_steps: list[str]
+    chosen: str  # the reference step
+    rejected: str  # a corruption of it that the exact check rejects
+    kind: str  # which corruption
+
+
+@dataclass
 class ArithmeticTask(Task):
     min_steps: int = 2
     max_steps: int = 6
@@ -79,7 +91,8 @@ class ArithmeticTask(Task):
 
     def __post_init__(self):
         if not 1 <= self.min_steps <= self.max_steps:
-            raise ValueError(f"arithmetic task: need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
+            raise ValueError(f"arithmetic task: need 1 <= min_steps <= max_steps, "
+                             f"got {self.min_steps}, {self.max_steps}")
         if self.max_operand < 2:
             raise ValueError(f"arithmetic task: max_operand must be >= 2, got {self.max_operand}")
 
@@ -168,6 +181,26 @@ class ArithmeticTask(Task):
             ok = ok and k == last and boxed_ok
         return ok
 
+    def step_pairs(self, split: str, n: int, seed: int, rng: random.Random, kinds=CORRUPTIONS,
+                   cycle_kinds: bool = False) -> list[StepPair]:
+        """One pair per problem of ``problems(split, n, seed)``: at a step ``k`` drawn from ``rng``,
+        the reference step against a corruption of it (kind drawn from ``kinds``, or taken in turn with
+        ``cycle_kinds``), redrawn until the exact check rejects it. The one source of judge (EFT),
+        held-out judge-eval and oracle DPO pairs; each caller seeds ``rng`` with its own salt."""
+        pairs = []
+        for i, p in enumerate(self.problems(split, n, seed=seed)):
+            k = rng.randrange(len(p.reference_steps))
+            previous, good = p.reference_steps[:k], p.reference_steps[k]
+            for _ in range(20):
+                kind = kinds[i % len(kinds)] if cycle_kinds else rng.choice(list(kinds))
+                bad = self.corrupt_step(p, k, kind, rng)
+                if bad.strip() != good.strip() and self.check_step(p, previous, bad) is False:
+                    break
+            else:
+                raise RuntimeError(f"could not corrupt step {k} of {p.id}")
+            pairs.append(StepPair(p, k, previous, good, bad, kind))
+        return pairs
+
     def corrupt_step(self, problem: Problem, k: int, kind: str, rng: random.Random) -> str:
         """A surely wrong version of reference step ``k`` (0-based)."""
         chain = problem.meta["chain"]
@@ -208,7 +241,8 @@ class ArithmeticTask(Task):
             if not final:
                 return _step_text(k + 1, a, op, b, result, final=True)
             x = rng.randint(2, 9)
-            return _step_text(k + 1, a, op, b, result, final=False)[:-1] + f", then adding {x}: {_fmt(result)} + {x} = {_fmt(result + x)}."
+            goes_on = f", then adding {x}: {_fmt(result)} + {x} = {_fmt(result + x)}."
+            return _step_text(k + 1, a, op, b, result, final=False)[:-1] + goes_on
         raise ValueError(f"unknown corruption {kind!r}; choose from {CORRUPTIONS}")
 
 

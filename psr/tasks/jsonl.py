@@ -7,17 +7,16 @@ and the line; nothing is skipped silently.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from psr.answers import gsm8k_gold, last_boxed
+from psr.files import DataError, iter_jsonl
+from psr.steps import step_prefix
 from psr.tasks.base import Problem, Task
 
-
-class DataError(ValueError):
-    """A data file that cannot be used; the message names the file, the line and the field."""
+__all__ = ["DataError", "JsonlMathTask", "gsm8k_reference_steps", "read_rows"]
 
 
 def _gold(kind: str, answer: str) -> str | None:
@@ -31,31 +30,21 @@ def gsm8k_reference_steps(answer: str) -> list[str]:
     the gold boxed in the last step."""
     body, gold = answer.rsplit("####", 1)
     lines = [re.sub(r"<<[^>]*>>", "", line).strip() for line in body.strip().splitlines() if line.strip()]
-    steps = [f"Step {i + 1}: {line}" for i, line in enumerate(lines)]
+    steps = [step_prefix(i + 1) + line for i, line in enumerate(lines)]
     final = f"The answer is \\boxed{{{gold.strip().replace(',', '')}}}."
     if steps:
         steps[-1] += " " + final
     else:
-        steps = [f"Step 1: {final}"]
+        steps = [step_prefix(1) + final]
     return steps
 
 
-def _read_rows(data: str) -> list[tuple[int, dict]]:
-    """(line number, row) pairs from a local JSONL file, or rows of a hub dataset via ``datasets``."""
+def read_rows(data: str) -> list[tuple[int, dict]]:
+    """(line number, row) pairs from a local JSONL file (:func:`psr.files.iter_jsonl`), or rows of
+    a hub dataset via ``datasets``; no rows at all is an error."""
     path = Path(data).expanduser()
     if path.exists():
-        rows = []
-        with path.open() as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-                rows.append((lineno, row))
+        rows = list(iter_jsonl(path))
         if not rows:
             raise DataError(f"{path}: no rows")
         return rows
@@ -89,7 +78,7 @@ class JsonlMathTask(Task):
     def all_problems(self) -> list[Problem]:
         if self._cache is None:
             problems = []
-            for lineno, row in _read_rows(self.data):
+            for lineno, row in read_rows(self.data):
                 for fld in (self.question_field, self.answer_field):
                     if fld not in row or not isinstance(row[fld], str) or not row[fld].strip():
                         raise DataError(f"{self.data}:{lineno}: missing or empty field '{fld}'")

@@ -9,56 +9,80 @@ main process writes files.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import os
 import resource
 import shutil
 import time
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from transformers import TrainerCallback
 
+from psr.config import ConfigError, check_value
 from psr.files import write_json_atomic
+
+# TRL's name -> psr's field, for the settings psr has a field for (some under a shorter, older name).
+# In a ``trl:`` block the TRL name sets psr's field, so each setting has one value.
+PSR_FIELD_OF = {"num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+                "activation_checkpointing": "gradient_checkpointing",
+                **{name: name for name in (
+                    "learning_rate", "max_steps", "gradient_accumulation_steps", "max_length", "lr_scheduler_type",
+                    "weight_decay", "max_grad_norm", "gradient_checkpointing", "seed", "logging_steps", "report_to",
+                    "beta", "precompute_ref_log_probs", "loss_type")}}
+# TrainingArguments fields psr decides itself; the message says which psr field sets them.
+PSR_OWNED = {"output_dir": "out (the model directory this stage writes)", "loss_weights": "sft_weight"}
 
 
 @dataclass
 class TrainSettings:
-    """Fields every training stage has (``psr init`` and ``psr train``)."""
+    """Fields every training stage has (``psr init`` and ``psr train``). Any other setting of TRL's
+    trainer config goes in ``trl:`` by TRL's own name."""
+
+    trainer_config: ClassVar[str] = "transformers:TrainingArguments"  # the TRL/transformers class ``trl`` feeds
 
     model: str = "smollm2-135m"  # the starting model: built-in name, local directory or hub id
     out: str = "runs/model"  # the model directory this stage writes (psr eval --model <out> loads it)
-    learning_rate: float = 1e-5
-    epochs: float = 1.0
-    max_steps: int = -1  # > 0 overrides epochs
-    batch_size: int = 4  # per device (per process)
-    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-5  # peak learning rate (TRL: learning_rate)
+    epochs: float = 1.0  # passes over the data (TRL: num_train_epochs)
+    max_steps: int = -1  # optimizer steps; > 0 overrides epochs
+    batch_size: int = 4  # per device (per process) (TRL: per_device_train_batch_size)
+    gradient_accumulation_steps: int = 1  # batches per optimizer step
     max_length: int | None = 1024  # tokens of prompt + completion; longer rows are truncated at the end
-    warmup_ratio: float = 0.0
-    lr_scheduler_type: str = "linear"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    warmup_ratio: float = 0.0  # share of the steps spent warming the learning rate up
+    lr_scheduler_type: str = "linear"  # transformers' scheduler name (linear, cosine, constant, ...)
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping
     # LoRA (PEFT). Off = full fine-tuning.
     lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: str | list[str] = "all-linear"
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA scaling (alpha / r)
+    lora_dropout: float = 0.0  # dropout on the LoRA input
+    lora_target_modules: str | list[str] = "all-linear"  # PEFT target modules: all-linear or a list of names
     save_adapter: bool = False  # LoRA: keep the adapter (PEFT directory) instead of merging it into the weights
     gradient_checkpointing: bool = False  # saves memory, costs ~30% more compute
     # Weights' dtype. auto: float32 weights, trained with bf16 autocast on CUDA (pure bf16 weights round
     # away DPO-sized updates: lr 5e-6 x ~1 is below bf16's resolution at |w| ~ 0.05). bfloat16: bf16
     # weights (halves memory; DeepSpeed still keeps float32 master weights).
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    seed: int = 0
-    logging_steps: int = 1
+    seed: int = 0  # training seed (data order, dropout, LoRA init)
+    logging_steps: int = 1  # log every this many optimizer steps
     logging_dir: str | None = None  # TensorBoard; default <out's folder>/tensorboard/<out's name>
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard (psr's own dir), wandb, ...
     progress: bool = True  # the progress bar
+    # Any other field of TRL's trainer config (SFTConfig for init, DPOConfig for train) by TRL's name,
+    # e.g. {optim: adafactor, save_strategy: steps, save_steps: 50, run_name: r1, fp16: true}. Checked
+    # against TRL's class; a TRL name for a field above (num_train_epochs, learning_rate, ...) sets that field.
+    trl: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.trl:
+            self._take_trl_block()
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
@@ -71,6 +95,42 @@ class TrainSettings:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_length is not None and self.max_length < 8:
             raise ValueError(f"max_length must be >= 8 (or null), got {self.max_length}")
+        if self.trl:
+            try:
+                self.trainer_arguments()  # TRL's own checks (an unknown optim, conflicting precisions, ...)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"trl: {err}") from err
+
+    def trainer_config_class(self) -> type:
+        module, _, name = self.trainer_config.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def trainer_arguments(self):
+        """The TRL/transformers config object the trainer gets."""
+        return build_trainer_arguments(self, self.trainer_config_class())
+
+    def _take_trl_block(self) -> None:
+        """Check ``trl`` against TRL's config class (names and types); move TRL names of psr's own
+        fields onto those fields, so that each setting has one value."""
+        cls = self.trainer_config_class()
+        theirs = typing.get_type_hints(cls)
+        ours = typing.get_type_hints(type(self))
+        rest = {}
+        try:
+            for key, value in self.trl.items():
+                if key in PSR_OWNED:
+                    raise ConfigError(f"trl.{key}: set {PSR_OWNED[key]} instead")
+                if key not in {f.name for f in dataclasses.fields(cls)}:
+                    raise ConfigError(f"unknown key trl.{key} (not a field of {cls.__module__.split('.')[0]}'s "
+                                      f"{cls.__name__})")
+                ours_name = PSR_FIELD_OF.get(key)
+                if ours_name in ours:
+                    setattr(self, ours_name, check_value(value, ours[ours_name], f"trl.{key}"))
+                else:
+                    rest[key] = check_value(value, theirs[key], f"trl.{key}")
+        except ConfigError as err:
+            raise ValueError(str(err)) from err
+        self.trl = rest
 
 
 def world_size() -> int:
@@ -115,14 +175,25 @@ def trainer_kwargs(cfg: TrainSettings) -> dict:
         save_strategy="no",
         report_to=[r for r in cfg.report_to if r != "tensorboard"] or "none",  # TensorBoard: our callback, own dir
         disable_tqdm=not cfg.progress,
-        bf16=cuda and cfg.dtype != "float32",  # autocast on CUDA; on a CPU bf16 learns much more slowly (DESIGN.md §5)
+        # autocast on CUDA; on a CPU bf16 learns much more slowly (docs/design.md §3)
+        bf16=cuda and cfg.dtype != "float32",
         use_cpu=not cuda,
         dataloader_num_workers=0,
     )
-    if world_size() > 1:  # only when launched on several processes (DESIGN.md §5)
+    if world_size() > 1:  # only when launched on several processes (docs/design.md §3)
         kwargs["ddp_backend"] = "nccl" if cuda else "gloo"
         kwargs["ddp_find_unused_parameters"] = False
     return kwargs
+
+
+def build_trainer_arguments(cfg: TrainSettings, config_class: type, **stage_kwargs):
+    """``config_class`` (SFTConfig, DPOConfig, ...) from psr's fields, the stage's own settings and,
+    on top, the ``trl`` block (TRL's names win: ``fp16: true`` turns psr's bf16 autocast off)."""
+    kwargs = {**trainer_kwargs(cfg), **stage_kwargs}
+    if cfg.trl.get("fp16"):
+        kwargs["bf16"] = False
+    kwargs.update(cfg.trl)
+    return config_class(**kwargs)
 
 
 def lora_config(cfg: TrainSettings):
@@ -207,7 +278,8 @@ def train_log(cfg: TrainSettings, trainer, timer: StepTimer, extra: dict | None 
     }
 
 
-def save_final(trainer, cfg: TrainSettings, tokenizer, log: dict, extra_files: dict[str, list[dict]] | None = None) -> Path:
+def save_final(trainer, cfg: TrainSettings, tokenizer, log: dict,
+               extra_files: dict[str, list[dict]] | None = None) -> Path:
     """Save the trained model (LoRA merged unless ``save_adapter``) with its tokenizer and
     ``train_log.json`` into a hidden partial directory, then rename it to ``cfg.out``."""
     out = Path(cfg.out)
@@ -236,6 +308,8 @@ def save_final(trainer, cfg: TrainSettings, tokenizer, log: dict, extra_files: d
     if main:
         for junk in ("training_args.bin",):
             (tmp / junk).unlink(missing_ok=True)
+        for checkpoint in tmp.glob("checkpoint-*"):  # trl: {save_strategy: steps}: not part of the model
+            shutil.rmtree(checkpoint)
         for name, rows in (extra_files or {}).items():
             (tmp / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         write_json_atomic(tmp / "train_log.json", log)
@@ -259,14 +333,17 @@ def stage_callbacks(cfg: TrainSettings, callbacks: list | None = None) -> tuple[
 
 def train_and_save(cfg: TrainSettings, trainer, extra: dict | None = None, extra_files: dict | None = None) -> dict:
     """Train, then save the model atomically with its ``train_log.json``; returns the log."""
-    trainer.train()
+    trainer.train(resume_from_checkpoint=cfg.trl.get("resume_from_checkpoint"))
     result = train_log(cfg, trainer, trainer.psr_timer, extra)
     save_final(trainer, cfg, trainer.processing_class, result, extra_files)
     return result
 
 
 def prepare_output(cfg: TrainSettings) -> None:
-    """Remove a stale partial directory left by a killed run (main process only)."""
+    """Remove a stale partial directory left by a killed run (main process only), unless the run
+    resumes from a checkpoint (``trl: {save_strategy: steps, resume_from_checkpoint: <out's folder>/
+    .<out's name>.partial/checkpoint-N}``): checkpoints are written there."""
     if int(os.environ.get("RANK", "0")) == 0:
-        shutil.rmtree(partial_dir(cfg.out), ignore_errors=True)
+        if not cfg.trl.get("resume_from_checkpoint"):
+            shutil.rmtree(partial_dir(cfg.out), ignore_errors=True)
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)

@@ -24,14 +24,22 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from psr.judge import judge_messages, judge_reply
 from psr.steps import STEP_MARKER_RE, format_solution, render_prompt, step_prefix
 from psr.tasks import DataError, TaskConfig, make_task
 from psr.tasks.arithmetic import CORRUPTIONS, EQUATION_RE, ArithmeticTask
-from psr.tasks.jsonl import _read_rows, gsm8k_reference_steps
-from psr.train.common import TrainSettings, load_for_training, lora_config, prepare_output, stage_callbacks, train_and_save, trainer_kwargs
+from psr.tasks.jsonl import gsm8k_reference_steps, read_rows
+from psr.train.common import (
+    TrainSettings,
+    build_trainer_arguments,
+    load_for_training,
+    lora_config,
+    prepare_output,
+    stage_callbacks,
+    train_and_save,
+)
 
 WHY_WRONG = {
     "wrong_result": "its arithmetic is wrong",
@@ -46,20 +54,25 @@ WHY_WRONG = {
 class InitConfig(TrainSettings):
     """``psr init``: M0 -> M1. Paper (7B): 3 epochs, lr 1e-6, batch 32, full fine-tuning."""
 
+    trainer_config: ClassVar[str] = "trl:SFTConfig"
+
     task: TaskConfig = field(default_factory=TaskConfig)
     ift_examples: int | None = 400  # built-in task: how many to generate; files: a limit (null = all rows)
-    eft_examples: int | None = 400
+    eft_examples: int | None = 400  # judge examples: built-in task: how many to generate; files: a limit
     ift_data: str | None = None  # JSONL (or hub id for GSM8K-style rows) instead of the task's own solutions
     eft_data: str | None = None  # JSONL of judge examples instead of generated ones
     eft_justification: bool = False  # off: the reply is just "Verdict: [[X]]" (what logits-mode judging reads)
     eft_both_orders: bool = False  # each generated pair twice, (good, bad) and (bad, good)
-    corruptions: list[str] = field(default_factory=lambda: list(CORRUPTIONS))
+    corruptions: list[str] = field(default_factory=lambda: list(CORRUPTIONS))  # kinds of wrong step in generated EFT
     # mixed: IFT and EFT rows shuffled together. grouped: every batch is all IFT or all EFT, and an EFT
     # pair's two orders share a batch, so a pure position bias gets no net gradient (batch order shuffled).
     batching: Literal["mixed", "grouped"] = "mixed"
-    data_seed: int = 0
+    data_seed: int = 0  # which problems and corruptions are generated, and the order of the rows
     learning_rate: float = 1e-5
     epochs: float = 3.0
+
+    def trainer_arguments(self):
+        return sft_args(self)
 
     def __post_init__(self):
         super().__post_init__()
@@ -67,7 +80,8 @@ class InitConfig(TrainSettings):
         if bad or not self.corruptions:
             raise ValueError(f"corruptions: choose from {list(CORRUPTIONS)}, got {self.corruptions}")
         if self.batching == "grouped" and self.eft_both_orders and self.batch_size % 2:
-            raise ValueError("batching: grouped with eft_both_orders needs an even batch_size (both orders in one batch)")
+            raise ValueError("batching: grouped with eft_both_orders needs an even batch_size "
+                             "(both orders in one batch)")
         for name in ("ift_examples", "eft_examples"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (or null)")
@@ -75,12 +89,13 @@ class InitConfig(TrainSettings):
 
 # ---- IFT --------------------------------------------------------------------------------------
 def _numbered(steps: list[str]) -> list[str]:
-    return [s.strip() if STEP_MARKER_RE.match(s.strip()) else step_prefix(i + 1) + s.strip() for i, s in enumerate(steps)]
+    return [s.strip() if STEP_MARKER_RE.match(s.strip()) else step_prefix(i + 1) + s.strip()
+            for i, s in enumerate(steps)]
 
 
 def read_ift_file(path: str, tokenizer, limit: int | None = None) -> list[dict]:
     rows = []
-    for lineno, row in _read_rows(path):
+    for lineno, row in read_rows(path):
         where = f"{path}:{lineno}"
         if "prompt" in row or "completion" in row:
             for fld in ("prompt", "completion"):
@@ -92,17 +107,19 @@ def read_ift_file(path: str, tokenizer, limit: int | None = None) -> list[dict]:
                 raise DataError(f"{where}: missing or empty field 'question' (IFT rows: question + answer, "
                                 "question + steps, or prompt + completion)")
             if "steps" in row:
-                if not isinstance(row["steps"], list) or not row["steps"] or not all(isinstance(s, str) and s.strip() for s in row["steps"]):
+                steps = row["steps"]
+                if not isinstance(steps, list) or not steps or not all(isinstance(s, str) and s.strip() for s in steps):
                     raise DataError(f"{where}: field 'steps' must be a non-empty list of strings")
                 steps = _numbered(row["steps"])
             elif isinstance(row.get("answer"), str) and row["answer"].strip():
                 if "####" not in row["answer"]:
-                    raise DataError(f"{where}: field 'answer' has no '#### <answer>' line (GSM8K style) to take the gold from")
+                    raise DataError(f"{where}: field 'answer' has no '#### <answer>' line (GSM8K style) "
+                                    "to take the gold from")
                 steps = gsm8k_reference_steps(row["answer"])
             else:
                 raise DataError(f"{where}: missing or empty field 'answer' (or 'steps')")
-            rows.append({"prompt": render_prompt(tokenizer, row["question"].strip()), "completion": format_solution(steps),
-                         "source": "file"})
+            rows.append({"prompt": render_prompt(tokenizer, row["question"].strip()),
+                         "completion": format_solution(steps), "source": "file"})
         if limit is not None and len(rows) >= limit:
             break
     return rows
@@ -150,36 +167,28 @@ def generate_eft(task: ArithmeticTask, tokenizer, n: int, seed: int = 0, corrupt
     """``n`` judge examples with exact truth: at a random step k of a problem, its reference step
     against a corrupted one, the right one shown first in exactly half of them."""
     n_pairs = (n + 1) // 2 if both_orders else n
-    problems = task.problems(split, n_pairs, seed=seed + 1)
     rng = random.Random(f"eft-{split}-{seed}")
     firsts = [i < (n_pairs + 1) // 2 for i in range(n_pairs)]  # the right step as A in half the pairs
     rng.shuffle(firsts)
     rows = []
-    for p, good_first in zip(problems, firsts):
-        k = rng.randrange(len(p.reference_steps))
-        previous, good = p.reference_steps[:k], p.reference_steps[k]
-        for _ in range(20):
-            kind = rng.choice(list(corruptions))
-            bad = task.corrupt_step(p, k, kind, rng)
-            if bad.strip() != good.strip() and task.check_step(p, previous, bad) is False:
-                break
-        else:
-            raise RuntimeError(f"could not corrupt step {k} of {p.id}")
-        orders = [True, False] if both_orders else [good_first]
-        for first in orders:
+    for pair, good_first in zip(task.step_pairs(split, n_pairs, seed + 1, rng, kinds=corruptions), firsts):
+        p, good, bad = pair.problem, pair.chosen, pair.rejected
+        for first in ([True, False] if both_orders else [good_first]):
             a, b, verdict = (good, bad, "A") if first else (bad, good, "B")
-            rows.append(eft_example(tokenizer, p.question, previous, a, b, verdict, justification(verdict, good, kind),
-                                    with_justification, problem_id=p.id, step_index=k, corruption=kind, source="arithmetic"))
+            rows.append(eft_example(tokenizer, p.question, pair.previous_steps, a, b, verdict,
+                                    justification(verdict, good, pair.kind), with_justification, problem_id=p.id,
+                                    step_index=pair.step_index, corruption=pair.kind, source="arithmetic"))
     return rows[:n]
 
 
 def read_eft_file(path: str, tokenizer, limit: int | None = None, with_justification: bool = False) -> list[dict]:
     rows = []
-    for lineno, row in _read_rows(path):
+    for lineno, row in read_rows(path):
         where = f"{path}:{lineno}"
         for fld in ("question", "step_a", "step_b"):
             if not isinstance(row.get(fld), str) or not row[fld].strip():
-                raise DataError(f"{where}: missing or empty field '{fld}' (EFT rows: question, previous_steps, step_a, step_b, verdict)")
+                raise DataError(f"{where}: missing or empty field '{fld}' "
+                                "(EFT rows: question, previous_steps, step_a, step_b, verdict)")
         prev = row.get("previous_steps", [])
         if not isinstance(prev, list) or not all(isinstance(s, str) for s in prev):
             raise DataError(f"{where}: field 'previous_steps' must be a list of strings")
@@ -235,7 +244,8 @@ def sft_args(cfg: InitConfig):
     from trl import SFTConfig
 
     extra = {"train_sampling_strategy": "sequential"} if cfg.batching == "grouped" else {}
-    return SFTConfig(**trainer_kwargs(cfg), max_length=cfg.max_length, completion_only_loss=True, packing=False, **extra)
+    return build_trainer_arguments(cfg, SFTConfig, max_length=cfg.max_length, completion_only_loss=True, packing=False,
+                                   **extra)
 
 
 def build_trainer(cfg: InitConfig, callbacks: list | None = None):

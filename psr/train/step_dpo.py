@@ -18,14 +18,21 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
-from psr.tasks import DataError
-from psr.tasks.jsonl import _read_rows
-from psr.train.common import TrainSettings, load_for_training, lora_config, prepare_output, stage_callbacks, train_and_save, trainer_kwargs
+from psr.files import DataError, iter_jsonl
+from psr.train.common import (
+    TrainSettings,
+    build_trainer_arguments,
+    load_for_training,
+    lora_config,
+    prepare_output,
+    stage_callbacks,
+    train_and_save,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +44,11 @@ class StepDPOConfig(TrainSettings):
     """``psr train``: one round of step-wise DPO. Paper: full fine-tuning, 1 epoch, lr 5e-7, batch 32;
     Step-DPO used beta 0.4-0.5."""
 
+    trainer_config: ClassVar[str] = "trl:DPOConfig"
+
     pairs: str = "pairs.jsonl"  # the round's pairs file
     ref_model: str | None = None  # the reference policy; default: the starting model (``model``)
-    beta: float = 0.4
+    beta: float = 0.4  # DPO's strength of the pull towards the reference (Step-DPO: 0.4-0.5)
     learning_rate: float = 1e-6
     epochs: float = 1.0
     max_length: int | None = 1024  # prompt + step tokens
@@ -50,6 +59,9 @@ class StepDPOConfig(TrainSettings):
     # > 0 adds TRL's "sft" loss (NLL of the chosen step) with this weight, as RPO does: DPO alone may
     # push the chosen step's likelihood down along with the rejected one (seen here at lr 2e-5).
     sft_weight: float = 0.0
+
+    def trainer_arguments(self):
+        return dpo_args(self)
 
     def __post_init__(self):
         super().__post_init__()
@@ -70,7 +82,7 @@ def load_pairs(path: str | Path, need: tuple[str, ...] = REQUIRED) -> list[dict]
     if not path.read_text().strip():
         raise DataError(f"{path}: no pairs (the file is empty)")
     rows = []
-    for lineno, row in _read_rows(str(path)):
+    for lineno, row in iter_jsonl(path):
         for fld in need:
             if fld not in row:
                 raise DataError(f"{path}:{lineno}: missing field '{fld}' (a pair needs {', '.join(need)})")
@@ -93,7 +105,8 @@ def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, eos: bool 
     no EOS unless ``eos`` (whole-solution rows). When the prompt's last tokens merge with a step's
     first (a prompt not ending on a token boundary), the completion starts where they diverge, as in TRL."""
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    full = {k: tokenizer(prompt + text, add_special_tokens=False)["input_ids"] for k, text in (("chosen", chosen), ("rejected", rejected))}
+    full = {k: tokenizer(prompt + text, add_special_tokens=False)["input_ids"]
+            for k, text in (("chosen", chosen), ("rejected", rejected))}
     n = len(prompt_ids)
     for ids in full.values():
         n = min(n, next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(prompt_ids), len(ids))))
@@ -140,20 +153,15 @@ def oracle_pairs(tokenizer, n: int, seed: int = 0, split: str = "train", task=No
     import random
 
     from psr.steps import render_prompt
-    from psr.tasks.arithmetic import CORRUPTIONS, ArithmeticTask
+    from psr.tasks.arithmetic import ArithmeticTask
 
     task = task or ArithmeticTask()
     rng = random.Random(f"oracle-{split}-{seed}")
-    rows = []
-    for p in task.problems(split, n, seed=seed):
-        k = rng.randrange(len(p.reference_steps))
-        previous, good = p.reference_steps[:k], p.reference_steps[k]
-        bad = task.corrupt_step(p, k, rng.choice(CORRUPTIONS), rng)
-        rows.append({"prompt": render_prompt(tokenizer, p.question, previous), "chosen": good, "rejected": bad,
-                     "problem_id": p.id, "step_index": k, "question": p.question, "previous_steps": previous,
-                     "chosen_score": 1, "rejected_score": 0, "margin": 1, "round": 0,
-                     "chosen_correct": True, "rejected_correct": task.check_step(p, previous, bad)})
-    return rows
+    return [{"prompt": render_prompt(tokenizer, s.problem.question, s.previous_steps), "chosen": s.chosen,
+             "rejected": s.rejected, "problem_id": s.problem.id, "step_index": s.step_index,
+             "question": s.problem.question, "previous_steps": s.previous_steps, "chosen_score": 1, "rejected_score": 0,
+             "margin": 1, "round": 0, "chosen_correct": True, "rejected_correct": False}
+            for s in task.step_pairs(split, n, seed, rng)]
 
 
 # ---- training --------------------------------------------------------------------------------
@@ -161,8 +169,8 @@ def dpo_args(cfg: StepDPOConfig) -> DPOConfig:
     losses = {"loss_type": [cfg.loss_type]}
     if cfg.sft_weight > 0:
         losses = {"loss_type": [cfg.loss_type, "sft"], "loss_weights": [1.0, cfg.sft_weight]}
-    return DPOConfig(**trainer_kwargs(cfg), beta=cfg.beta, max_length=cfg.max_length,
-                     precompute_ref_log_probs=cfg.precompute_ref_log_probs, **losses)
+    return build_trainer_arguments(cfg, DPOConfig, beta=cfg.beta, max_length=cfg.max_length,
+                                   precompute_ref_log_probs=cfg.precompute_ref_log_probs, **losses)
 
 
 def build_trainer(cfg: StepDPOConfig, callbacks: list | None = None, trainer_class: type = StepDPOTrainer):
@@ -213,7 +221,8 @@ def step_logps(model, tokenizer, rows: list[dict], batch_size: int = 8) -> tuple
     model.eval()
     with torch.no_grad():
         for s in range(0, len(rows), batch_size):
-            batch = [tokenize_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"]) for r in rows[s : s + batch_size]]
+            batch = [tokenize_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"])
+                     for r in rows[s : s + batch_size]]
             for key in out:
                 seqs = [b["prompt_ids"] + b[f"{key}_ids"] for b in batch]
                 width = max(map(len, seqs))
