@@ -44,7 +44,8 @@ def main():
     sampled = time.perf_counter() - started
     result = {"model": args.model, "problems": args.problems, "width": args.width, "threads": torch.get_num_threads(),
               "candidate_seconds": round(sampled, 1), "steps": len(steps), "mixed_steps": len(mixed_steps(steps)),
-              "no_right_candidate": round(sum(not any(c is True for c in s["candidate_correct"]) for s in steps) / len(steps), 4),
+              "no_right_candidate": round(sum(not any(c is True for c in s["candidate_correct"])
+                                              for s in steps) / len(steps), 4),
               "variants": {}}
     scores = {}
     for name in args.variants:

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from psr.config import ConfigError
 from psr.files import read_jsonl, write_json_atomic, write_jsonl_atomic
 from psr.generation import generate
-from psr.judge import JudgeConfig, StepJudge, judge_reply
+from psr.judge import JudgeConfig, StepJudge
 from psr.sampling import SamplingConfig
 from psr.steps import format_solution, has_final_answer, render_prompt
 from psr.tasks import TaskConfig, make_task
@@ -52,12 +52,12 @@ class BuildEFTConfig:
     limit: int | None = 200  # problems searched
     offset: int = 0  # gsm8k/math: skip rows used elsewhere
     width: int = 4  # candidates per step
-    max_steps: int = 8
-    max_step_tokens: int = 64
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(policy="edt"))
-    annotator: Literal["exact", "rollout", "model"] = "exact"
+    max_steps: int = 8  # steps searched per problem at most
+    max_step_tokens: int = 64  # new tokens per candidate step
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(policy="edt"))  # of the candidates
+    annotator: Literal["exact", "rollout", "model"] = "exact"  # who labels the candidates (see the module doc)
     rollouts: int = 4  # rollout: completions per candidate
-    rollout_max_new_tokens: int = 256
+    rollout_max_new_tokens: int = 256  # rollout: tokens per completion
     right_threshold: float = 0.5  # rollout: share of completions reaching the gold for "right" (0 -> "wrong")
     annotator_model: str | None = None  # model: the stronger judge (hub id or directory)
     pairs_per_step: int = 2  # right-vs-wrong pairs kept per step (different wrong candidates first)
@@ -66,10 +66,10 @@ class BuildEFTConfig:
     justification: bool = False  # a short reason before the verdict (for generate-mode judges)
     template: str | None = None  # judge prompt template (judge.template); default psr.judge.JUDGE_PROMPT
     chunk_size: int = 16  # problems searched together; the unit of resume
-    batch_size: int = 48
-    seed: int = 0
-    dtype: str | None = None
-    out: str = "data/eft.jsonl"
+    batch_size: int = 48  # sequences per generate call
+    seed: int = 0  # problems (arithmetic), sampling and pair selection
+    dtype: str | None = None  # model weights: float32, bfloat16 or auto (default: the loader's choice)
+    out: str = "data/eft.jsonl"  # the EFT rows; <out>.steps.jsonl and <out>.stats.json beside it
 
     def __post_init__(self):
         if self.width < 2:
@@ -261,7 +261,8 @@ def run_build_eft(cfg: BuildEFTConfig, model=None, tokenizer=None, progress: boo
     task = make_task(cfg.task)
     kwargs = {"offset": cfg.offset} if cfg.task.name != "arithmetic" else {"seed": cfg.seed}
     if cfg.annotator == "exact" and type(task).check_step is Task.check_step:
-        raise ConfigError(f"annotator 'exact' needs a task that checks steps; {task.name!r} cannot: use annotator: rollout")
+        raise ConfigError(f"annotator 'exact' needs a task that checks steps; {task.name!r} cannot: "
+                          "use annotator: rollout")
     problems = task.problems(cfg.split, cfg.limit, **kwargs)
     chunks = [problems[i : i + cfg.chunk_size] for i in range(0, len(problems), cfg.chunk_size)]
     todo = [c for c in range(len(chunks)) if not (chunk_dir / f"{c:05d}.jsonl").exists()]
@@ -272,7 +273,8 @@ def run_build_eft(cfg: BuildEFTConfig, model=None, tokenizer=None, progress: boo
         judge = None
         if cfg.annotator == "model":
             strong, strong_tok = load_model(cfg.annotator_model, dtype=cfg.dtype)
-            judge = StepJudge(strong, strong_tok, JudgeConfig(mode="generate", aggregation="agree", template=cfg.template))
+            judge = StepJudge(strong, strong_tok,
+                              JudgeConfig(mode="generate", aggregation="agree", template=cfg.template))
         propose = model_completer(model, tokenizer, cfg, cfg.sampling, cfg.max_step_tokens, stop_at_step=True)
         rollout = model_completer(model, tokenizer, cfg, SamplingConfig(policy="fixed", temperature=0.7),
                                   cfg.rollout_max_new_tokens, stop_at_step=False)
@@ -312,6 +314,7 @@ def run_build_eft(cfg: BuildEFTConfig, model=None, tokenizer=None, progress: boo
 
 def format_stats(stats: dict) -> str:
     return (f"{stats['problems']} problems, {stats['steps']} steps, {stats['candidates']} candidates "
-            f"(right {stats['labels']['right']}, wrong {stats['labels']['wrong']}, unknown {stats['labels']['unknown']}); "
+            f"(right {stats['labels']['right']}, wrong {stats['labels']['wrong']}, "
+            f"unknown {stats['labels']['unknown']}); "
             f"{stats['pairs']} pairs -> {stats['rows']} EFT rows; by step {stats['pairs_per_step_index']}, "
             f"by ending {stats['pairs_per_ending']}; {stats['candidates_per_minute']} candidates/min")

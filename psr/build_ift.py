@@ -19,7 +19,7 @@ from psr.answers import last_boxed
 from psr.files import write_json_atomic, write_jsonl_atomic
 from psr.steps import step_prefix
 from psr.tasks import DataError, TaskConfig, make_task
-from psr.tasks.jsonl import _read_rows, gsm8k_reference_steps
+from psr.tasks.jsonl import gsm8k_reference_steps, read_rows
 
 
 @dataclass
@@ -59,7 +59,8 @@ def math_reference_steps(solution: str, long_paragraph: int = 300) -> list[str]:
     into sentences, fragments under 25 characters joined to the step before, each step on one line,
     and the boxed answer in the last step."""
     solution = re.sub(r"\[asy\].*?\[/asy\]", "", solution, flags=re.S)  # figures' code is no step
-    solution = re.sub(r"(\\boxed\{.*\}[^\n]*?)\s*The answer is:.*$", r"\1", solution, flags=re.S)  # a copy's trailing echo
+    # a copy's trailing echo of the answer ("...\\boxed{9}.The answer is: 9")
+    solution = re.sub(r"(\\boxed\{.*\}[^\n]*?)\s*The answer is:.*$", r"\1", solution, flags=re.S)
     paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", solution.strip()) if p.strip()]
     parts = []
     for p in paragraphs:
@@ -89,7 +90,7 @@ def ift_rows(cfg: BuildIFTConfig) -> tuple[list[dict], Counter]:
     if not cfg.task.data:
         raise DataError(f"build-ift: task {cfg.task.name} needs task.data (a JSONL path or a hub id)")
     qf, af = cfg.task.question_field, cfg.task.answer_field
-    for lineno, row in _read_rows(cfg.task.data)[cfg.offset :]:
+    for lineno, row in read_rows(cfg.task.data)[cfg.offset :]:
         question, answer = row.get(qf), row.get(af)
         if not isinstance(question, str) or not question.strip():
             skipped[f"missing or empty field '{qf}'"] += 1
@@ -127,7 +128,7 @@ def run_build_ift(cfg: BuildIFTConfig) -> dict:
     if not rows:
         raise DataError(f"build-ift: no usable rows in {cfg.task.data or cfg.task.name} (skipped: {dict(skipped)})")
     write_jsonl_atomic(cfg.out, rows)
-    stats = {"rows": len(rows), "skipped": dict(skipped), "mean_steps": round(sum(len(r["steps"]) for r in rows) / len(rows), 2),
-             "out": cfg.out}
+    mean_steps = round(sum(len(r["steps"]) for r in rows) / len(rows), 2)
+    stats = {"rows": len(rows), "skipped": dict(skipped), "mean_steps": mean_steps, "out": cfg.out}
     write_json_atomic(f"{cfg.out}.stats.json", stats)
     return stats

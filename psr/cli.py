@@ -34,6 +34,10 @@ COMMANDS = {
              {"--lr": "learning_rate"}),
     "train": ("psr.train.step_dpo:StepDPOConfig", "one round of step-wise DPO on a pairs.jsonl",
               {"--lr": "learning_rate"}),
+    "build-ift": ("psr.build_ift:BuildIFTConfig",
+                  "IFT data: reference solutions cut into steps (GSM8K, MATH, built-in)", {}),
+    "build-eft": ("psr.build_eft:BuildEFTConfig",
+                  "EFT data: the model's own candidate steps from a step-by-step search, annotated and paired", {}),
     "iterate": ("psr.rounds:RunConfig",
                 "the whole loop: init -> rounds of search, train, eval -> report (resumable)", {}),
 }
@@ -215,6 +219,23 @@ def cmd_train(cfg, args) -> int:
     return 0
 
 
+def cmd_build_ift(cfg, args) -> int:
+    from psr.build_ift import run_build_ift
+
+    stats = run_build_ift(cfg)
+    print(f"wrote {stats['rows']} IFT rows ({stats['mean_steps']} steps each on average) to {cfg.out}; "
+          f"skipped {sum(stats['skipped'].values())}: {stats['skipped'] or 'none'}")
+    return 0
+
+
+def cmd_build_eft(cfg, args) -> int:
+    from psr.build_eft import format_stats, run_build_eft
+
+    print(format_stats(run_build_eft(cfg)))
+    print(f"wrote {cfg.out} (train on it: psr init --eft_data {cfg.out})")
+    return 0
+
+
 def cmd_iterate(cfg, args) -> int:
     from psr.rounds import iterate
 
@@ -229,7 +250,7 @@ def cmd_report(cfg, args) -> int:
 
 
 RUNNERS = {"eval": cmd_eval, "search": cmd_search, "judge-eval": cmd_judge_eval, "init": cmd_init,
-           "train": cmd_train, "iterate": cmd_iterate}
+           "train": cmd_train, "build-ift": cmd_build_ift, "build-eft": cmd_build_eft, "iterate": cmd_iterate}
 
 
 def build_parser(commands=None) -> argparse.ArgumentParser:

@@ -41,7 +41,8 @@ class StepBoundaryStopping(StoppingCriteria):
         self.tokenizer, self.prompt_len = tokenizer, prompt_len
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        texts = [t.lstrip() for t in self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)]
+        new = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
+        texts = [t.lstrip() for t in new]
         done = [bool(NEXT_STEP_RE.search(t)) or (has_final_answer(t) and "\n" in t[t.find("\\boxed{"):]) for t in texts]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 

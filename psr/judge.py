@@ -145,7 +145,8 @@ class StepJudge:
         for letter in "AB":
             ids = self.tok(VERDICT_PREFIX + letter, add_special_tokens=False)["input_ids"]
             if ids[: len(base)] != base or len(ids) <= len(base):
-                raise ValueError(f"tokenizer merges the verdict letter into {VERDICT_PREFIX!r}; logits mode cannot read it")
+                raise ValueError(f"tokenizer merges the verdict letter into {VERDICT_PREFIX!r}; "
+                                 "logits mode cannot read it")
             self.choice_ids.append(ids[len(base)])
 
     # -- prompts ---------------------------------------------------------------------------
@@ -228,7 +229,8 @@ class StepJudge:
             for _, prompts in per_item:
                 raw.append(values[k : k + len(prompts)])
                 k += len(prompts)
-        return [self._aggregate(len(c), orders, vals, logits) for (_, _, c), (orders, _), vals in zip(items, per_item, raw)]
+        return [self._aggregate(len(c), orders, vals, logits)
+                for (_, _, c), (orders, _), vals in zip(items, per_item, raw)]
 
     def _aggregate(self, n: int, orders, values, logits: bool) -> Comparison:
         seen = dict(zip(orders, values))

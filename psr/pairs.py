@@ -82,7 +82,8 @@ def _srlm_pairs(t, tokenizer, cfg, round_index):
     best = max(scored, key=lambda i: (scores[i], -i))
     worst = min(scored, key=lambda i: (scores[i], i))
     row = _pair_row(t, tokenizer, [], t["samples"][best], t["samples"][worst], scores[best], scores[worst],
-                    SRLM_TOP_SCORE, PairsConfig(cfg.min_margin, max_step_tokens=10**9, drop_identical=cfg.drop_identical),
+                    SRLM_TOP_SCORE,
+                    PairsConfig(cfg.min_margin, max_step_tokens=10**9, drop_identical=cfg.drop_identical),
                     round_index, kind="solution")
     if row:
         row.update(step_index=0, chosen_correct=t["sample_correct"][best], rejected_correct=t["sample_correct"][worst])
@@ -103,7 +104,8 @@ def pair_stats(traces: list[dict], pairs: list[dict]) -> dict:
         "status": dict(Counter(t["status"] for t in traces)),
         "final_accuracy": round(sum(t["final_correct"] for t in traces) / max(1, len(traces)), 4),
         "mean_steps_per_solution": round(sum(len(t.get("path", [])) for t in traces) / max(1, len(traces)), 3),
-        "order_disagreement_rate": round(sum(e["order_disagreements"] for e in events) / max(1, comparisons), 4) if events else None,
+        "order_disagreement_rate": (round(sum(e["order_disagreements"] for e in events) / max(1, comparisons), 4)
+                                    if events else None),
         "unparseable_verdicts": sum(e.get("unparseable", 0) for e in events) + sum(
             t.get("unparseable", 0) for t in traces if t.get("method") == "srlm"),
         "ties": sum(bool(e.get("tie")) for e in events),
@@ -123,7 +125,8 @@ def pair_stats(traces: list[dict], pairs: list[dict]) -> dict:
             "pairs_with_truth": len(known),
             "chosen_right": round(sum(p["chosen_correct"] for p in known) / len(known), 4),
             "rejected_wrong": round(sum(not p["rejected_correct"] for p in known) / len(known), 4),
-            "chosen_right_and_rejected_wrong": round(sum(p["chosen_correct"] and not p["rejected_correct"] for p in known) / len(known), 4),
+            "chosen_right_and_rejected_wrong": round(
+                sum(p["chosen_correct"] and not p["rejected_correct"] for p in known) / len(known), 4),
         }
     return stats
 
@@ -167,7 +170,8 @@ def format_stats(stats: dict) -> str:
              f"final accuracy {stats['final_accuracy']:.3f}, steps/solution {stats['mean_steps_per_solution']}",
              f"pairs per step index: {stats['pairs_per_step_index']}", f"search ended: {stats['status']}",
              f"judge order disagreement: {stats['order_disagreement_rate']}, unparseable verdicts: "
-             f"{stats['unparseable_verdicts']}, ties: {stats['ties']} ({stats.get('tie_rate')} of steps), kept steps filtered out: {stats['kept_steps_without_pair']}, "
+             f"{stats['unparseable_verdicts']}, ties: {stats['ties']} ({stats.get('tie_rate')} of steps), "
+             f"kept steps filtered out: {stats['kept_steps_without_pair']}, "
              f"pairs from rolled-back steps: {stats.get('pairs_from_rolled_back_steps', 0)}"]
     if "truth" in stats:
         t = stats["truth"]

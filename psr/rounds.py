@@ -159,7 +159,7 @@ def init_stage(cfg: RunConfig, run_dir: Path):
         from psr.train.sft import run_init
 
         icfg = dataclasses.replace(cfg.init, model=cfg.model, out=str(out), task=cfg.task, seed=cfg.seed,
-                                   data_seed=cfg.seed)
+                                   data_seed=cfg.seed, judge_template=cfg.search.judge.template)
         log = run_init(icfg)
         return {"model": str(out), "seconds_per_step": log.get("seconds_per_step")}
 

@@ -1,7 +1,7 @@
 """Data generation, stage 1: step-wise search with the model as its own step judge (PSR), or the
 outcome-based Self-Rewarding baseline (SRLM). Writes ``search.jsonl`` (one trace per problem).
 
-PSR search, per problem (DESIGN.md §1): for each step, sample ``width`` candidate next steps,
+PSR search, per problem (docs/design.md): for each step, sample ``width`` candidate next steps,
 score each by its pairwise wins, emit (best, worst) as a pair and extend the path with best; when
 the judge cannot separate the candidates (max score == min score), drop the last step and its
 pair and try again (at most ``max_rollbacks`` times); stop at the final ``\\boxed{}`` or after
@@ -169,7 +169,8 @@ def run_search(cfg: SearchConfig, model=None, tokenizer=None, progress: bool = T
     chunk_dir.mkdir(parents=True, exist_ok=True)
     task = make_task(cfg.task)
     if cfg.judge.mode == "truth" and type(task).check_step is Task.check_step:
-        raise ConfigError(f"search.judge.mode 'truth' needs a task that can check a step; task {cfg.task.name!r} cannot "
+        raise ConfigError(f"search.judge.mode 'truth' needs a task that can check a step; "
+                          f"task {cfg.task.name!r} cannot "
                           "(the built-in arithmetic task can)")
     kwargs = {"offset": cfg.offset} if cfg.task.name != "arithmetic" else {}
     problems = task.problems(cfg.split, cfg.limit, seed=cfg.seed, **kwargs)

@@ -4,9 +4,18 @@ import json
 import random
 
 import pytest
-
 from conftest import GSM8K, MATH500, needs_shared
-from psr.build_eft import BuildEFTConfig, annotate, ending, eft_rows, rollout_labels, run_build_eft, search_chunk, select_pairs
+
+from psr.build_eft import (
+    BuildEFTConfig,
+    annotate,
+    eft_rows,
+    ending,
+    rollout_labels,
+    run_build_eft,
+    search_chunk,
+    select_pairs,
+)
 from psr.build_ift import BuildIFTConfig, math_reference_steps, run_build_ift
 from psr.config import ConfigError
 from psr.files import read_jsonl
@@ -19,9 +28,11 @@ def test_math_solutions_become_steps_with_the_boxed_answer_last():
     solution = ("We have $x = 2$. So the value is $2 \\cdot 3 = 6$.\n\n[asy]\ndraw((0,0)--(1,1));\n[/asy]\n\n"
                 "Thus $y = 6$, since y equals the value.\n\nTherefore the answer is $\\boxed{6}$.The answer is: 6")
     steps = math_reference_steps(solution)
-    assert all(STEP_MARKER_RE.match(s) for s in steps) and [s.split(":")[0] for s in steps] == [f"Step {i}" for i in range(1, 4)]
+    assert all(STEP_MARKER_RE.match(s) for s in steps)
+    assert [s.split(":")[0] for s in steps] == [f"Step {i}" for i in range(1, 4)]
     assert has_final_answer(steps[-1]) and "asy" not in " ".join(steps) and "The answer is: 6" not in steps[-1]
-    assert len(math_reference_steps("It is $\\frac{1}{2}$ of 4, so it is 2.\n\nSo \\boxed{2}.")) == 1  # a fragment joins
+    # a short fragment joins the step before
+    assert len(math_reference_steps("It is $\\frac{1}{2}$ of 4, so it is 2.\n\nSo \\boxed{2}.")) == 1
 
 
 def test_build_ift_counts_what_it_skips(tmp_path):
@@ -31,7 +42,8 @@ def test_build_ift_counts_what_it_skips(tmp_path):
             {"question": "No gold?", "answer": "It is 4."},
             {"question": "Long?", "answer": "\n".join(f"{i} + 1 = {i + 1}" for i in range(30)) + "\n#### 30"}]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    stats = run_build_ift(BuildIFTConfig(task=TaskConfig(name="gsm8k", data=str(data)), out=str(tmp_path / "ift.jsonl")))
+    cfg = BuildIFTConfig(task=TaskConfig(name="gsm8k", data=str(data)), out=str(tmp_path / "ift.jsonl"))
+    stats = run_build_ift(cfg)
     assert stats["rows"] == 1 and stats["skipped"] == {"missing or empty field 'question'": 1,
                                                         "no '#### <answer>' line": 1, "more than 20 steps": 1}
     (row,) = read_jsonl(tmp_path / "ift.jsonl")

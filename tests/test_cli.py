@@ -108,8 +108,10 @@ def test_run_seed_sets_init_data_seed(tmp_path, monkeypatch):
 
     seen = {}
     monkeypatch.setattr(psr.train.sft, "run_init", lambda cfg: seen.setdefault("cfg", cfg) and {})
-    init_stage(from_dict(RunConfig, {"seed": 7}), tmp_path)()
+    template = "Q {question} {previous} {step_a} {step_b}"
+    init_stage(from_dict(RunConfig, {"seed": 7, "search": {"judge": {"template": template}}}), tmp_path)()
     assert (seen["cfg"].seed, seen["cfg"].data_seed) == (7, 7)
+    assert seen["cfg"].judge_template == template  # EFT rows are written in the judge's prompt
 
 
 def test_benchmarks_are_eval_configs_and_keep_sampling(tmp_path, monkeypatch):

@@ -143,7 +143,8 @@ def test_judge_on_its_own_candidates_against_a_random_pick(tiny):
     assert all(len(s["candidates"]) == 3 and len(s["candidate_correct"]) == 3 for s in steps)
     # tiny-random writes no right step: script the candidates of one step instead
     p = problems[0]
-    scripted = [{"question": p.question, "previous_steps": [], "candidates": ["Step 1: x", p.reference_steps[0], "Step 1: y"],
+    scripted = [{"question": p.question, "previous_steps": [],
+                 "candidates": ["Step 1: x", p.reference_steps[0], "Step 1: y"],
                  "candidate_correct": [None, True, False]}] * 4 + steps
 
     class Oracle:
@@ -159,3 +160,18 @@ def test_judge_on_its_own_candidates_against_a_random_pick(tiny):
     assert summary["mixed_steps"] == len(mixed_steps(scripted)) >= 4
     assert summary["kept_right"] == 1.0 and summary["random_right"] < 1.0 and summary["gain_over_random"] > 0
     assert wilson(5, 10) == (0.2366, 0.7634)
+
+
+def test_eft_rows_are_written_in_the_prompt_the_judge_is_asked_with(tiny):
+    """A custom judge.template must reach the EFT rows too, or the judge is trained on another prompt."""
+    from psr.train.sft import generate_eft
+
+    _, tok = tiny
+    template = "Q: {question}\nSo far: {previous}\nA: {step_a}\nB: {step_b}\nWhich is right?"
+    judge = StepJudge(None, tok, JudgeConfig(template=template))
+    rows = generate_eft(ArithmeticTask(), tok, 4, template=template)
+    assert all(r["prompt"] == judge.prompt(r["question"], r["previous_steps"], r["step_a"], r["step_b"], False)
+               for r in rows)
+    default = generate_eft(ArithmeticTask(), tok, 4)
+    assert all(r["prompt"] != judge.prompt(r["question"], r["previous_steps"], r["step_a"], r["step_b"], False)
+               for r in default)

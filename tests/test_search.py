@@ -191,7 +191,8 @@ def test_min_margin_means_the_same_share_of_the_score_range_for_psr_and_srlm():
              "best": 0, "worst": 3, "scores": scores, "candidate_correct": [None] * 4}]}
 
     def srlm(scores):
-        return {"method": "srlm", "question": "q", "problem_id": "p", "samples": [f"Step 1: {k}" for k in range(len(scores))],
+        return {"method": "srlm", "question": "q", "problem_id": "p",
+                "samples": [f"Step 1: {k}" for k in range(len(scores))],
                 "scores": scores, "sample_correct": [None] * len(scores)}
 
     cfg = PairsConfig(min_margin=0.3)
@@ -242,8 +243,9 @@ def test_unverifiable_candidates_do_not_crash_the_search_stats(problem):
     assert j["mixed_steps"] == len(trace["events"]) and j["kept_right_when_mixed"] == 1.0
     assert j["unverifiable_candidates"] > 0.5
     # The demo's crash: a kept candidate that cannot be checked.
-    assert judge_in_search([{"events": [{"candidate_correct": [None, True, None], "best": 2},
-                                        {"candidate_correct": [None, True, None], "best": 1}]}])["kept_right_when_mixed"] == 0.5
+    crash = [{"events": [{"candidate_correct": [None, True, None], "best": 2},
+                         {"candidate_correct": [None, True, None], "best": 1}]}]
+    assert judge_in_search(crash)["kept_right_when_mixed"] == 0.5
 
 
 def test_giving_up_keeps_the_steps_found_so_far_and_their_pairs(problem):
@@ -447,7 +449,8 @@ def test_two_process_search_equals_single_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     args = ["search", "--model", "tiny-random", "--limit", "6", "--width", "3", "--seed", "3", "--config",
             str(tmp_path / "c.yaml")]
-    (tmp_path / "c.yaml").write_text("chunk_size: 2\nmax_steps: 2\nmax_step_tokens: 10\njudge:\n  aggregation: sum\n  tie_margin: 0.0\n")
+    (tmp_path / "c.yaml").write_text("chunk_size: 2\nmax_steps: 2\nmax_step_tokens: 10\n"
+                                     "judge:\n  aggregation: sum\n  tie_margin: 0.0\n")
     single = subprocess.run([sys.executable, "-m", "psr.cli", *args, "--out", str(tmp_path / "one")], env=env,
                             capture_output=True, text=True, cwd=ROOT)
     assert single.returncode == 0, single.stderr[-2000:]

@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_embedded_model_runs_every_stage(tmp_path):
     run = tmp_path / "smoke"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run([sys.executable, "-m", "psr.cli", "iterate", "--config", str(ROOT / "tests" / "recipes" / "smoke.yaml"),
-                           "--run", str(run)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    recipe = ROOT / "tests" / "recipes" / "smoke.yaml"
+    done = subprocess.run([sys.executable, "-m", "psr.cli", "iterate", "--config", str(recipe), "--run", str(run)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     for marker in ("init/init.done", "init/eval.done", "psr/round_1/search.done", "psr/round_1/train.done",
                    "psr/round_1/eval.done"):

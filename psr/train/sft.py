@@ -26,7 +26,7 @@ import random
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from psr.judge import judge_messages, judge_reply
+from psr.judge import JUDGE_PROMPT, judge_messages, judge_reply
 from psr.steps import STEP_MARKER_RE, format_solution, render_prompt, step_prefix
 from psr.tasks import DataError, TaskConfig, make_task
 from psr.tasks.arithmetic import CORRUPTIONS, EQUATION_RE, ArithmeticTask
@@ -68,6 +68,9 @@ class InitConfig(TrainSettings):
     # pair's two orders share a batch, so a pure position bias gets no net gradient (batch order shuffled).
     batching: Literal["mixed", "grouped"] = "mixed"
     data_seed: int = 0  # which problems and corruptions are generated, and the order of the rows
+    # the judge prompt EFT rows are written in (default psr.judge.JUDGE_PROMPT); the loop sets it to
+    # search.judge.template, so the judge is trained on the prompt it is asked with
+    judge_template: str | None = None
     learning_rate: float = 1e-5
     epochs: float = 3.0
 
@@ -154,8 +157,9 @@ def justification(good_pos: str, good: str, kind: str | None) -> str:
 
 
 def eft_example(tokenizer, question: str, previous: list[str], step_a: str, step_b: str, verdict: str,
-                why: str | None = None, with_justification: bool = False, **meta) -> dict:
-    prompt = tokenizer.apply_chat_template(judge_messages(question, previous, step_a, step_b),
+                why: str | None = None, with_justification: bool = False, template: str | None = None,
+                **meta) -> dict:
+    prompt = tokenizer.apply_chat_template(judge_messages(question, previous, step_a, step_b, template or JUDGE_PROMPT),
                                            add_generation_prompt=True, tokenize=False)
     return {"prompt": prompt, "completion": judge_reply(verdict, why if with_justification else None),
             "question": question, "previous_steps": list(previous), "step_a": step_a, "step_b": step_b,
@@ -163,7 +167,8 @@ def eft_example(tokenizer, question: str, previous: list[str], step_a: str, step
 
 
 def generate_eft(task: ArithmeticTask, tokenizer, n: int, seed: int = 0, corruptions=CORRUPTIONS,
-                 both_orders: bool = False, with_justification: bool = False, split: str = "train") -> list[dict]:
+                 both_orders: bool = False, with_justification: bool = False, split: str = "train",
+                 template: str | None = None) -> list[dict]:
     """``n`` judge examples with exact truth: at a random step k of a problem, its reference step
     against a corrupted one, the right one shown first in exactly half of them."""
     n_pairs = (n + 1) // 2 if both_orders else n
@@ -176,12 +181,14 @@ def generate_eft(task: ArithmeticTask, tokenizer, n: int, seed: int = 0, corrupt
         for first in ([True, False] if both_orders else [good_first]):
             a, b, verdict = (good, bad, "A") if first else (bad, good, "B")
             rows.append(eft_example(tokenizer, p.question, pair.previous_steps, a, b, verdict,
-                                    justification(verdict, good, pair.kind), with_justification, problem_id=p.id,
+                                    justification(verdict, good, pair.kind), with_justification, template,
+                                    problem_id=p.id,
                                     step_index=pair.step_index, corruption=pair.kind, source="arithmetic"))
     return rows[:n]
 
 
-def read_eft_file(path: str, tokenizer, limit: int | None = None, with_justification: bool = False) -> list[dict]:
+def read_eft_file(path: str, tokenizer, limit: int | None = None, with_justification: bool = False,
+                  template: str | None = None) -> list[dict]:
     rows = []
     for lineno, row in read_rows(path):
         where = f"{path}:{lineno}"
@@ -200,7 +207,7 @@ def read_eft_file(path: str, tokenizer, limit: int | None = None, with_justifica
         if with_justification and not (why or "").strip():
             raise DataError(f"{where}: missing field 'justification' (eft_justification is on)")
         rows.append(eft_example(tokenizer, row["question"], prev, row["step_a"], row["step_b"], row["verdict"], why,
-                                with_justification, source="file"))
+                                with_justification, template, source="file"))
         if limit is not None and len(rows) >= limit:
             break
     return rows
@@ -209,7 +216,7 @@ def read_eft_file(path: str, tokenizer, limit: int | None = None, with_justifica
 def build_eft(cfg: InitConfig, tokenizer) -> list[dict]:
     """EFT rows from ``cfg.eft_data`` or generated from the built-in task."""
     if cfg.eft_data:
-        return read_eft_file(cfg.eft_data, tokenizer, cfg.eft_examples, cfg.eft_justification)
+        return read_eft_file(cfg.eft_data, tokenizer, cfg.eft_examples, cfg.eft_justification, cfg.judge_template)
     n = 400 if cfg.eft_examples is None else cfg.eft_examples
     if n == 0:
         return []
@@ -217,7 +224,8 @@ def build_eft(cfg: InitConfig, tokenizer) -> list[dict]:
     if not isinstance(task, ArithmeticTask):
         raise DataError(f"EFT data for task {cfg.task.name} needs eft_data (a JSONL of judge examples): only the "
                         "built-in arithmetic task knows which steps are right; or set eft_examples: 0")
-    return generate_eft(task, tokenizer, n, cfg.data_seed, cfg.corruptions, cfg.eft_both_orders, cfg.eft_justification)
+    return generate_eft(task, tokenizer, n, cfg.data_seed, cfg.corruptions, cfg.eft_both_orders, cfg.eft_justification,
+                        template=cfg.judge_template)
 
 
 # ---- training ---------------------------------------------------------------------------------
