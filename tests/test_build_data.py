@@ -167,3 +167,28 @@ def test_build_eft_end_to_end_on_tiny_random_resumes_and_feeds_init(tmp_path, ti
         run_build_eft(BuildEFTConfig(task=TaskConfig(name="gsm8k", data=str(tmp_path / "eft.jsonl")), out=str(out)))
     with pytest.raises(ValueError, match="annotator_model"):
         BuildEFTConfig(annotator="model")
+
+
+def test_init_with_eft_from_search_trains_the_ift_pass_then_builds_eft_then_m1(tmp_path, capsys):
+    """eft_source: search runs the whole chain inside init: IFT pass -> build-eft with its candidates ->
+    M1 on IFT + the built EFT rows; a second run finds every part done and only retrains M1."""
+    from psr.config import from_dict
+    from psr.train.sft import InitConfig, run_init
+
+    cfg = from_dict(InitConfig, {
+        "model": "tiny-random", "out": str(tmp_path / "init" / "model"), "ift_examples": 4, "max_steps": 1,
+        "batch_size": 2, "learning_rate": 1e-3, "report_to": [], "progress": False, "eft_source": "search",
+        "task": {"name": "arithmetic", "min_steps": 2, "max_steps": 2},
+        "eft_search": {"limit": 2, "width": 2, "max_steps": 2, "max_step_tokens": 6}})
+    log = run_init(cfg)
+    assert (tmp_path / "init" / "ift_pass" / "train_log.json").exists()
+    assert (tmp_path / "init" / "eft_search" / "eft.jsonl.stats.json").exists()
+    assert log["eft_search"]["problems"] == 2 and log["examples"]["ift"] == 4
+    assert log["examples"]["eft"] == log["eft_search"]["rows"]
+    if not log["eft_search"]["rows"]:  # tiny-random writes no right step: said, not silent
+        assert "no right-vs-wrong pair" in capsys.readouterr().err
+    mtime = (tmp_path / "init" / "ift_pass" / "model.safetensors").stat().st_mtime_ns
+    run_init(cfg)
+    assert (tmp_path / "init" / "ift_pass" / "model.safetensors").stat().st_mtime_ns == mtime
+    with pytest.raises(ConfigError, match="init_from: ift_pass needs eft_source: search"):
+        from_dict(InitConfig, {"init_from": "ift_pass"})

@@ -22,10 +22,14 @@ The loss covers completion tokens only (TRL's ``completion_only_loss``).
 
 from __future__ import annotations
 
+import dataclasses
 import random
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Literal
 
+from psr.build_eft import BuildEFTConfig
 from psr.judge import JUDGE_PROMPT, judge_messages, judge_reply
 from psr.steps import STEP_MARKER_RE, format_solution, render_prompt, step_prefix
 from psr.tasks import DataError, TaskConfig, make_task
@@ -71,6 +75,17 @@ class InitConfig(TrainSettings):
     # the judge prompt EFT rows are written in (default psr.judge.JUDGE_PROMPT); the loop sets it to
     # search.judge.template, so the judge is trained on the prompt it is asked with
     judge_template: str | None = None
+    # where the EFT rows come from. corruptions: the built-in task's reference steps vs corrupted copies;
+    # file: eft_data; search: psr build-eft on the model's own candidate steps, annotated (the paper's way).
+    # Default: file when eft_data is set, else corruptions.
+    eft_source: Literal["corruptions", "file", "search"] | None = None
+    # search: the build-eft settings (its model, task, seed, template and out are set by init)
+    eft_search: BuildEFTConfig = field(default_factory=BuildEFTConfig)
+    # search: whose candidates are annotated. ift_pass: M0 + SFT on the IFT rows alone first (M0 may not
+    # keep the step format); start: the starting model as it is
+    eft_search_model: Literal["ift_pass", "start"] = "ift_pass"
+    # search with ift_pass: M1 = M0 + SFT on IFT + EFT (m0), or the IFT pass + SFT on the EFT rows (ift_pass)
+    init_from: Literal["m0", "ift_pass"] = "m0"
     learning_rate: float = 1e-5
     epochs: float = 3.0
 
@@ -88,6 +103,8 @@ class InitConfig(TrainSettings):
         for name in ("ift_examples", "eft_examples"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (or null)")
+        if self.init_from == "ift_pass" and (self.eft_source != "search" or self.eft_search_model != "ift_pass"):
+            raise ValueError("init_from: ift_pass needs eft_source: search and eft_search_model: ift_pass")
 
 
 # ---- IFT --------------------------------------------------------------------------------------
@@ -215,7 +232,11 @@ def read_eft_file(path: str, tokenizer, limit: int | None = None, with_justifica
 
 def build_eft(cfg: InitConfig, tokenizer) -> list[dict]:
     """EFT rows from ``cfg.eft_data`` or generated from the built-in task."""
-    if cfg.eft_data:
+    if eft_source(cfg) == "file":
+        if not cfg.eft_data:
+            raise DataError("eft_source: file needs eft_data (a JSONL of judge examples)")
+        if cfg.eft_examples == 0:
+            return []
         return read_eft_file(cfg.eft_data, tokenizer, cfg.eft_examples, cfg.eft_justification, cfg.judge_template)
     n = 400 if cfg.eft_examples is None else cfg.eft_examples
     if n == 0:
@@ -274,11 +295,53 @@ def build_trainer(cfg: InitConfig, callbacks: list | None = None):
     return trainer
 
 
-def run_init(cfg: InitConfig, callbacks: list | None = None) -> dict:
-    """Build the IFT + EFT sets, train, save M1 to ``cfg.out`` (atomically, with ``ift.jsonl``,
-    ``eft.jsonl`` and ``train_log.json`` beside the weights); returns the training log."""
+def eft_source(cfg: InitConfig) -> str:
+    return cfg.eft_source or ("file" if cfg.eft_data else "corruptions")
+
+
+def search_eft(cfg: InitConfig, callbacks: list | None = None) -> tuple[InitConfig, dict]:
+    """``eft_source: search``: the IFT pass (if asked for), then build-eft with its candidates, next to
+    ``cfg.out`` (``ift_pass/``, ``eft_search/``); each part is skipped when it is already there, so a
+    killed init resumes. Returns the config that trains M1 on the built file, and the build's stats."""
+    from psr.build_eft import run_build_eft
+
+    base = Path(cfg.out).parent
+    searcher = cfg.model
+    if cfg.eft_search_model == "ift_pass":
+        ift_dir = base / "ift_pass"
+        if not (ift_dir / "train_log.json").exists():  # written last by the atomic save
+            ift_only = dataclasses.replace(cfg, eft_source="corruptions", eft_examples=0, out=str(ift_dir),
+                                           max_steps=-1)
+            _train(ift_only, callbacks)
+        searcher = str(ift_dir)
+    out = base / "eft_search" / "eft.jsonl"
+    stats = run_build_eft(dataclasses.replace(cfg.eft_search, model=searcher, task=cfg.task, seed=cfg.data_seed,
+                                              template=cfg.judge_template, out=str(out)))
+    if not stats["rows"]:
+        print(f"init: build-eft found no right-vs-wrong pair in {stats['candidates']} candidates "
+              f"({stats['labels']}); M1 trains on IFT rows only", file=sys.stderr)
+    final = dataclasses.replace(cfg, eft_source="file", eft_data=str(out),
+                                eft_examples=cfg.eft_examples if stats["rows"] else 0)
+    if cfg.eft_search_model == "ift_pass" and cfg.init_from == "ift_pass":
+        final = dataclasses.replace(final, model=searcher, ift_examples=0)
+    return final, stats
+
+
+def _train(cfg: InitConfig, callbacks: list | None = None) -> dict:
     prepare_output(cfg)
     trainer = build_trainer(cfg, callbacks)
     data = trainer.psr_data
     return train_and_save(cfg, trainer, {"examples": {"ift": len(data["ift"]), "eft": len(data["eft"])}},
                           extra_files={"ift.jsonl": data["ift"], "eft.jsonl": data["eft"]})
+
+
+def run_init(cfg: InitConfig, callbacks: list | None = None) -> dict:
+    """Build the IFT + EFT sets, train, save M1 to ``cfg.out`` (atomically, with ``ift.jsonl``,
+    ``eft.jsonl`` and ``train_log.json`` beside the weights); returns the training log. With
+    ``eft_source: search`` the EFT rows are built first from the model's own search (``search_eft``)."""
+    if eft_source(cfg) == "search":
+        cfg, stats = search_eft(cfg, callbacks)
+        log = _train(cfg, callbacks)
+        log["eft_search"] = {k: v for k, v in stats.items() if k != "config"}
+        return log
+    return _train(cfg, callbacks)
