@@ -1,0 +1,123 @@
+"""How well does each model judge steps? Three measures, every model in one run (same problems, same pairs):
+
+1. **its own candidates** (psr.judge_own): held-out arithmetic problems, ``width`` EDT candidates after each
+   right prefix, exact labels; at the mixed steps, how often the judge keeps a right candidate vs a
+   random pick (with the 95% interval and the paired z against random);
+2. **held-out built-in pairs**: the arithmetic task's test split, reference step vs a corruption (judge-eval);
+3. **real-text GSM8K pairs**: rows never trained on, a reference step vs the same step with its result
+   changed (the number after the last ``=``).
+
+    python benchmarks/judge_quality.py --models smollm2-135m runs/a/init/model runs/b/init/model \
+        --gsm8k ../shared/data/gsm8k/train.jsonl --out results/judge_quality/m1.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import time
+from pathlib import Path
+
+from psr.files import write_json_atomic, write_text_atomic
+from psr.judge import JudgeConfig, StepJudge
+from psr.judge_eval import JudgeEvalConfig, judge_eval
+from psr.judge_own import own_candidates, score_own, wilson
+from psr.models import load_model
+from psr.tasks import ArithmeticTask, TaskConfig
+from psr.tasks.jsonl import gsm8k_reference_steps, read_rows
+
+_RESULT = re.compile(r"=\s*\$?(-?\d[\d,]*(?:\.\d+)?)")
+
+
+def gsm8k_result_pairs(path: str, n: int, offset: int, seed: int = 0) -> list[dict]:
+    """Reference step vs the same step with its result changed, at a random non-final step of each row."""
+    rng = random.Random(seed)
+    pairs = []
+    for _, row in read_rows(path)[offset:]:
+        steps = gsm8k_reference_steps(row["answer"])
+        ks = [k for k in range(len(steps) - 1) if _RESULT.findall(steps[k])]
+        if not ks:
+            continue
+        k = rng.choice(ks)
+        m = list(_RESULT.finditer(steps[k]))[-1]
+        value = float(m.group(1).replace(",", ""))
+        new = value + rng.choice([-10, -2, -1, 1, 2, 10]) if value >= 10 else value + rng.choice([1, 2, 3])
+        new_text = str(int(new)) if new == int(new) else str(new)
+        wrong = steps[k][: m.start(1)] + new_text + steps[k][m.end(1):]
+        # the same number later in the step (e.g. "... = 24 clips. She sold 24") changes with it
+        wrong = wrong.replace(f" {m.group(1)} ", f" {new_text} ")
+        pairs.append({"question": row["question"], "previous_steps": steps[:k], "chosen": steps[k], "rejected": wrong,
+                      "kind": "gsm8k_result"})
+        if len(pairs) >= n:
+            break
+    return pairs
+
+
+def measure(name: str, args, gsm_file: str | None) -> dict:
+    model, tok = load_model(name)
+    task = ArithmeticTask(min_steps=2, max_steps=4, max_operand=20)  # the experiment's task
+    out = {"model": name}
+    t = time.perf_counter()
+    steps = own_candidates(model, tok, task, task.problems("test", args.problems, seed=args.seed), width=args.width,
+                           seed=args.seed, progress=False)
+    out["own"] = score_own(StepJudge(model, tok, JudgeConfig(aggregation="sum")), steps)
+    out["own"]["seconds"] = round(time.perf_counter() - t, 1)
+    judge = JudgeConfig(aggregation="sum")
+    builtin = judge_eval(JudgeEvalConfig(model=name, task=TaskConfig(name="arithmetic", min_steps=2, max_steps=4,
+                                                                     max_operand=20),
+                                         limit=args.pairs, judge=judge, seed=args.seed), model, tok)
+    out["builtin"] = _pairs_summary(builtin)
+    if gsm_file:
+        real = judge_eval(JudgeEvalConfig(model=name, pairs_file=gsm_file, limit=args.pairs, judge=judge), model, tok)
+        out["gsm8k"] = _pairs_summary(real)
+    print(json.dumps(out))
+    return out
+
+
+def _pairs_summary(r: dict) -> dict:
+    k = round(r["accuracy_by_aggregation"]["sum"] * r["n"])  # summed P(right) over both orders > 0.5
+    return {"n": r["n"], "accuracy_sum": round(k / r["n"], 4), "interval": wilson(k, r["n"]),
+            "order_agreement": round(r["order_agreement"], 4), "share_A": round(r["position_bias_share_A"], 4),
+            "by_kind": r["by_kind"]}
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| model | own steps: kept right (95% CI) | random | gain z | mixed n | built-in pairs (95% CI) | "
+             "GSM8K real-text pairs (95% CI) |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        o, b, g = r["own"], r["builtin"], r.get("gsm8k")
+        own = f"{o['kept_right']:.2f} ({o['kept_right_interval'][0]:.2f}–{o['kept_right_interval'][1]:.2f})" \
+            if o["mixed_steps"] else "—"
+        real = f"{g['accuracy_sum']:.2f} ({g['interval'][0]:.2f}–{g['interval'][1]:.2f})" if g else "—"
+        lines.append(f"| {r['model']} | {own} | {o['random_right'] if o['mixed_steps'] else '—'} | {o['gain_z']} | "
+                     f"{o['mixed_steps']} | {b['accuracy_sum']:.2f} ({b['interval'][0]:.2f}–{b['interval'][1]:.2f}) | "
+                     f"{real} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["smollm2-135m"])
+    ap.add_argument("--problems", type=int, default=60, help="held-out arithmetic problems for the own-candidates test")
+    ap.add_argument("--width", type=int, default=4)
+    ap.add_argument("--pairs", type=int, default=200, help="built-in and GSM8K pairs")
+    ap.add_argument("--gsm8k", help="GSM8K JSONL for real-text pairs (rows from --gsm8k-offset on)")
+    ap.add_argument("--gsm8k-offset", type=int, default=7000, help="rows before this may be used for training")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--out", default="results/judge_quality/judge_quality.json")
+    args = ap.parse_args()
+    gsm_file = None
+    if args.gsm8k:
+        gsm_file = str(Path(args.out).with_suffix(".gsm8k_pairs.jsonl"))
+        pairs = gsm8k_result_pairs(args.gsm8k, args.pairs, args.gsm8k_offset, args.seed)
+        write_text_atomic(gsm_file, "".join(json.dumps(p) + "\n" for p in pairs))
+    results = [measure(m, args, gsm_file) for m in args.models]
+    write_json_atomic(args.out, {"args": vars(args), "results": results})
+    write_text_atomic(Path(args.out).with_suffix(".md"), table(results) + "\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
