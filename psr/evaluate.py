@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from psr.answers import extract_answer, is_equivalent
 from psr.files import write_json_atomic
-from psr.generation import generate
+from psr.generation import cut_after_answer, generate
 from psr.sampling import SamplingConfig
 from psr.steps import render_prompt, split_steps
 from psr.tasks import TaskConfig, make_task
@@ -29,6 +29,10 @@ class EvalConfig:
     offset: int = 0  # gsm8k/math: skip the first rows (e.g. those used for training)
     batch_size: int = 32  # prompts per generate call
     max_new_tokens: int = 320  # per solution
+    # stop each row once the line of its first \boxed{} answer ends: what is graded is the solution up to
+    # that line with or without stopping (anything after the final answer is not part of it), so this
+    # only saves the tokens a model would write after answering
+    stop_at_answer: bool = True
     samples: int = 0  # k for maj@k / pass@k; 0 = greedy only
     # how the k samples are drawn (greedy accuracy is always measured too)
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(policy="fixed", temperature=0.7))
@@ -65,22 +69,23 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
 
     started = time.perf_counter()
     greedy = generate(model, tokenizer, prompts, SamplingConfig(policy="greedy"), cfg.max_new_tokens,
-                      cfg.batch_size, seed=cfg.seed, desc="eval greedy", progress=progress)
+                      cfg.batch_size, seed=cfg.seed, desc="eval greedy", progress=progress,
+                      stop_at_answer=cfg.stop_at_answer)
     sampled = None
     if cfg.samples > 0:
         sampled = generate(model, tokenizer, prompts, cfg.sampling, cfg.max_new_tokens, cfg.batch_size,
                            num_samples=cfg.samples, seed=cfg.seed, desc=f"eval {cfg.samples} samples",
-                           progress=progress)
+                           progress=progress, stop_at_answer=cfg.stop_at_answer)
     seconds = time.perf_counter() - started
 
     rows, by_difficulty = [], defaultdict(list)
     for i, (p, outs) in enumerate(zip(problems, greedy)):
         output = outs[0]
-        pred = extract_answer(output)
+        pred = extract_answer(cut_after_answer(output))
         row = {"id": p.id, "question": p.question, "gold": p.gold, "output": output, "pred": pred,
                "correct": is_equivalent(p.gold, pred), "n_steps": len(split_steps(output))}
         if sampled is not None:
-            preds = [extract_answer(s) for s in sampled[i]]
+            preds = [extract_answer(cut_after_answer(s)) for s in sampled[i]]
             maj = _majority(preds)
             row.update(samples=sampled[i], sample_preds=preds,
                        sample_correct=[is_equivalent(p.gold, x) for x in preds],

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from psr.sampling import SamplingConfig
-from psr.steps import has_final_answer
+from psr.steps import answer_line_end
 
 # A later step starts with "Step n:" after whitespace, usually a newline; the first step of a completion has
 # nothing before it. Small models also run steps together on one line ("... previous step. Step 2: Add"):
@@ -26,24 +26,27 @@ def cut_at_step_boundary(text: str) -> str:
     m = NEXT_STEP_RE.search(text)
     if m:
         text = text[: m.start()]
-    if has_final_answer(text):
-        box = text.find("\\boxed{")
-        newline = text.find("\n", box)
-        if newline != -1:
-            text = text[:newline]
-    return text.rstrip()
+    return cut_after_answer(text)
+
+
+def cut_after_answer(text: str) -> str:
+    """``text`` up to the end of the line holding its first complete ``\\boxed{}`` answer (all of it
+    when there is none): what evaluation grades, with or without stopping at the answer."""
+    end = answer_line_end(text)
+    return (text if end is None else text[:end]).rstrip()
 
 
 class StepBoundaryStopping(StoppingCriteria):
-    """Per-row stop once the new text reaches the next step's marker or ends the boxed line."""
+    """Per-row stop once the new text reaches the next step's marker (``at_step``) or ends the line
+    of its boxed answer."""
 
-    def __init__(self, tokenizer, prompt_len: int):
-        self.tokenizer, self.prompt_len = tokenizer, prompt_len
+    def __init__(self, tokenizer, prompt_len: int, at_step: bool = True):
+        self.tokenizer, self.prompt_len, self.at_step = tokenizer, prompt_len, at_step
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         new = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
         texts = [t.lstrip() for t in new]
-        done = [bool(NEXT_STEP_RE.search(t)) or (has_final_answer(t) and "\n" in t[t.find("\\boxed{"):]) for t in texts]
+        done = [(self.at_step and bool(NEXT_STEP_RE.search(t))) or answer_line_end(t) is not None for t in texts]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
@@ -57,6 +60,7 @@ def generate(
     batch_size: int = 16,
     num_samples: int = 1,
     stop_at_step: bool = False,
+    stop_at_answer: bool = False,
     seed: int | None = None,
     desc: str = "generating",
     progress: bool = True,
@@ -86,7 +90,8 @@ def generate(
         idx = order[start : start + per_batch]
         batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(model.device)
         prompt_len = batch["input_ids"].shape[1]
-        stopping = StoppingCriteriaList([StepBoundaryStopping(tokenizer, prompt_len)]) if stop_at_step else None
+        stopping = (StoppingCriteriaList([StepBoundaryStopping(tokenizer, prompt_len, at_step=stop_at_step)])
+                    if stop_at_step or stop_at_answer else None)
         out = model.generate(
             **batch, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
             stopping_criteria=stopping, pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(set(eos)),
@@ -94,7 +99,8 @@ def generate(
         )
         texts = tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
         for j, text in enumerate(texts):
-            results[idx[j // num_samples]].append(cut_at_step_boundary(text) if stop_at_step else text.strip())
+            text = cut_at_step_boundary(text) if stop_at_step else (cut_after_answer(text) if stop_at_answer else text)
+            results[idx[j // num_samples]].append(text.strip())
         bar.update(len(idx))
     bar.close()
     return results

@@ -42,18 +42,33 @@ def split_steps(solution: str) -> list[str]:
     return [solution[a:b].strip() for a, b in zip(bounds, bounds[1:]) if solution[a:b].strip()]
 
 
-def has_final_answer(text: str) -> bool:
-    """True when ``text`` holds a complete ``\\boxed{...}`` (balanced braces)."""
+def final_answer_end(text: str) -> int | None:
+    """Index just after the first complete ``\\boxed{...}`` (balanced braces), or None."""
     i = text.find("\\boxed{")
     while i != -1:
         depth, j = 0, i + len("\\boxed")
         while j < len(text):
             depth += {"{": 1, "}": -1}.get(text[j], 0)
             if depth == 0:
-                return True
+                return j + 1
             j += 1
         i = text.find("\\boxed{", i + 1)
-    return False
+    return None
+
+
+def has_final_answer(text: str) -> bool:
+    """True when ``text`` holds a complete ``\\boxed{...}`` (balanced braces)."""
+    return final_answer_end(text) is not None
+
+
+def answer_line_end(text: str) -> int | None:
+    """Index of the newline that ends the line of the first complete ``\\boxed{}``; None until the
+    answer is complete and its line has ended. Where a solution (or its final step) stops."""
+    end = final_answer_end(text)
+    if end is None:
+        return None
+    newline = text.find("\n", end)
+    return None if newline == -1 else newline
 
 
 def question_messages(question: str) -> list[dict]:

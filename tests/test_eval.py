@@ -50,3 +50,31 @@ def test_generation_stops_at_step_boundary(tiny):
                      num_samples=6, stop_at_step=True, seed=0, progress=False)[0]
     for s in steps:
         assert "\nStep" not in s  # never runs into the next step
+
+
+def test_evaluation_stops_at_the_answer_line_and_grades_the_same_text(tiny):
+    """Rows stop once the line of their boxed answer ends; what is graded is the solution up to that line,
+    with or without stopping, so stopping saves tokens and changes no grade."""
+    import torch
+
+    from psr.evaluate import EvalConfig, evaluate
+    from psr.generation import StepBoundaryStopping, cut_after_answer
+    from psr.tasks import TaskConfig
+
+    text = "Step 1: 2 + 2 = 4.\nStep 2: So it is \\boxed{4}.\nStep 3: Or \\boxed{5}."
+    assert cut_after_answer(text) == "Step 1: 2 + 2 = 4.\nStep 2: So it is \\boxed{4}."
+    assert cut_after_answer("Step 1: \\boxed{4") == "Step 1: \\boxed{4"  # no complete answer: all of it
+    model, tok = tiny
+    prompt = tok("Q?", add_special_tokens=False)["input_ids"]
+    stop = StepBoundaryStopping(tok, len(prompt), at_step=False)
+
+    def done(t):
+        return bool(stop(torch.tensor([prompt + tok(t, add_special_tokens=False)["input_ids"]]), None)[0])
+
+    assert not done("Step 1: 2 + 2 = 4.\nStep 2:")  # a whole solution goes on across steps
+    assert not done("Step 2: So it is \\boxed{4}.")  # the answer's line has not ended yet
+    assert done("Step 2: So it is \\boxed{4}.\n")
+    cfg = dict(model="tiny-random", task=TaskConfig(name="arithmetic", max_steps=2), limit=4, max_new_tokens=12)
+    on, off = evaluate(EvalConfig(**cfg), model, tok, progress=False), evaluate(EvalConfig(**cfg, stop_at_answer=False),
+                                                                                model, tok, progress=False)
+    assert [p["pred"] for p in on["problems"]] == [p["pred"] for p in off["problems"]]
