@@ -215,7 +215,14 @@ def cmd_train(cfg, args) -> int:
 
     result = run_train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
-        _print_train_result(result, cfg.out, f"step-DPO on {result['pairs']} pairs ({world_size()} process(es))")
+        left_out = ""
+        if result.get("pairs_skipped"):
+            detail = ", ".join(f"{n} {why}" for why, n in result["pairs_skipped"].items())
+            left_out += f"; skipped {sum(result['pairs_skipped'].values())} of {result['pairs_in_file']} ({detail})"
+        if result.get("pairs_truncated"):
+            left_out += f"; {result['pairs_truncated']} cut at max_length"
+        _print_train_result(result, cfg.out,
+                            f"step-DPO on {result['pairs']} pairs{left_out} ({world_size()} process(es))")
     return 0
 
 

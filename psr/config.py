@@ -84,6 +84,17 @@ def check_value(value, tp, key: str):
     return value
 
 
+def check_at_least(obj, minimum: int, *names: str) -> None:
+    """For a dataclass's ``__post_init__``: ValueError naming the first of ``names`` whose value is
+    below ``minimum`` (``None`` passes: it means "all" or "the default" where a field allows it)."""
+    hints = typing.get_type_hints(type(obj))
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value < minimum:
+            nullable = type(None) in typing.get_args(hints[name])
+            raise ValueError(f"{name} must be >= {minimum}{' (or null)' if nullable else ''}, got {value}")
+
+
 def _raise(key, what, value):
     raise ConfigError(f"{key}: expected {what}, got {value!r}")
 
@@ -120,7 +131,7 @@ def from_dict(cls, data: dict | None, prefix: str = ""):
     except ConfigError:
         raise
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{prefix or cls.__name__}: {err}") from err
+        raise ConfigError(f"{prefix}: {err}" if prefix else str(err)) from err
     return obj
 
 
@@ -151,8 +162,16 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory (expected a YAML file)")
     try:
-        data = yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{err.object[err.start]:02x}); "
+                          "save the file as UTF-8") from err
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
     except _DuplicateKey as err:
         raise ConfigError(f"{path}: {err}") from err
     except yaml.YAMLError as err:

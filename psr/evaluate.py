@@ -11,6 +11,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 from psr.answers import extract_answer, is_equivalent
+from psr.config import check_at_least
 from psr.files import write_json_atomic
 from psr.generation import cut_after_answer, generate
 from psr.sampling import SamplingConfig
@@ -40,6 +41,12 @@ class EvalConfig:
     dtype: str | None = None  # float32, bfloat16, float16 or auto (null: float32 on CPU, bfloat16 on CUDA)
     out: str | None = None  # write the result JSON here
 
+    def __post_init__(self):
+        check_at_least(self, 1, "limit", "batch_size", "max_new_tokens")
+        check_at_least(self, 0, "offset", "samples")
+        if self.task.name == "arithmetic" and self.split not in ("train", "test"):
+            raise ValueError(f"split must be train or test for the arithmetic task, got {self.split!r}")
+
 
 def _majority(answers: list[str | None]) -> str | None:
     """The most common answer, grouping answers that math-verify calls equivalent."""
@@ -60,11 +67,11 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
     """Run the evaluation and return the result dict (also written to ``cfg.out`` when set)."""
     from psr.models import load_model
 
-    if model is None:
-        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
     task = make_task(cfg.task)
     kwargs = {"offset": cfg.offset} if cfg.task.name != "arithmetic" else {}
-    problems = task.problems(cfg.split, cfg.limit, seed=cfg.seed, **kwargs)
+    problems = task.problems(cfg.split, cfg.limit, seed=cfg.seed, **kwargs)  # a bad data file fails before the model
+    if model is None:
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
     prompts = [render_prompt(tokenizer, p.question) for p in problems]
 
     started = time.perf_counter()

@@ -39,21 +39,67 @@ def write_jsonl_atomic(path: str | Path, rows) -> Path:
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number, row) for every non-blank line of a JSONL file; a line that is not a JSON
-    object raises :class:`DataError` naming ``file:line``."""
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    """(line number, row) for every non-blank line of a JSONL file (UTF-8, a byte-order mark
+    allowed); a line that is not UTF-8 or not a JSON object, a directory or a missing file raises
+    :class:`DataError` naming ``file:line`` or the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory, not a JSONL file")
+    try:
+        f = open(path, "rb")
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror or err}") from err
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, as some editors write
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            yield lineno, row
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+                                f"{err.start + 1}); save the file as UTF-8") from err
+            if line.strip():
+                yield lineno, _json_object(line, f"{path}:{lineno}")
+
+
+def _json_object(text: str, where: str, whole_file: bool = False) -> dict:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        at = f" at line {err.lineno}, column {err.colno}" if whole_file else ""
+        raise DataError(f"{where}: not valid JSON ({err.msg}{at})") from err
+    if not isinstance(data, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """Every row of a JSONL file (blank lines skipped), checked as :func:`iter_jsonl` does."""
     return [row for _, row in iter_jsonl(path)]
+
+
+def read_json(path: str | Path) -> dict:
+    """A JSON object from a file; a missing, unreadable, empty or cut-off file raises :class:`DataError`
+    naming it."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror or err}") from err
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start + 1})") from err
+    if not text.strip():
+        raise DataError(f"{path}: empty file (expected a JSON object)")
+    return _json_object(text, str(path), whole_file=True)
+
+
+def check_safetensors(path: str | Path) -> None:
+    """Cheap integrity check of a ``.safetensors`` file: its header parses and covers the whole file
+    (a truncated copy fails here); raises :class:`DataError` naming the file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            f.keys()
+    except Exception as err:  # safetensors raises its own error type (not an OSError) for a damaged header
+        raise DataError(f"{path}: damaged safetensors file ({err})") from err

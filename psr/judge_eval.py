@@ -12,6 +12,7 @@ import random
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
+from psr.config import check_at_least
 from psr.files import DataError, iter_jsonl, write_json_atomic
 from psr.judge import JudgeConfig, StepJudge
 from psr.tasks import TaskConfig, make_task
@@ -29,6 +30,9 @@ class JudgeEvalConfig:
     seed: int = 0  # which held-out pairs
     dtype: str | None = None  # float32, bfloat16, float16 or auto (null: float32 on CPU, bfloat16 on CUDA)
     out: str | None = None  # write the result JSON here
+
+    def __post_init__(self):
+        check_at_least(self, 1, "limit")
 
 
 def heldout_step_pairs(task, limit: int, seed: int = 0, split: str = "test") -> list[dict]:

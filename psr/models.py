@@ -151,6 +151,50 @@ def tiny_model_path() -> Path:
     return _atomic_save(build, cache_dir() / f"{TINY}-v{_TINY_VERSION}")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def check_model_dir(path: str | Path) -> None:
+    """Cheap checks of a local model directory before loading it (headers only, no weights read):
+    config.json parses and names a model type transformers knows, tokenizer files are there, and
+    every ``.safetensors`` file's header covers the file (a truncated copy fails). Raises
+    :class:`ModelLoadError` naming the directory or the file and what is wrong."""
+    from psr.files import DataError, check_safetensors, read_json
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"model directory {path} has no config.json (is it a model saved with save_pretrained?)")
+    try:
+        config = read_json(path / "config.json")
+    except DataError as err:
+        raise ModelLoadError(str(err)) from err
+    model_type = config.get("model_type")
+    if model_type is not None:
+        from transformers import CONFIG_MAPPING
+
+        if model_type not in CONFIG_MAPPING:
+            raise ModelLoadError(f"{path / 'config.json'}: model_type {model_type!r} is not a model type this "
+                                 f"transformers knows (e.g. llama, qwen2, mistral); is config.json damaged, or "
+                                 f"does the model need a newer transformers?")
+    if not any((path / f).exists() for f in TOKENIZER_FILES):
+        raise ModelLoadError(f"model directory {path} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); "
+                             "save the tokenizer beside the weights (tokenizer.save_pretrained)")
+    shards = sorted(path.glob("*.safetensors"))
+    index = path / "model.safetensors.index.json"
+    try:
+        if index.exists():
+            named = set(read_json(index).get("weight_map", {}).values())
+            missing = sorted(n for n in named if not (path / n).exists())
+            if missing:
+                raise ModelLoadError(f"{index} names weight files that are missing: {', '.join(missing)}")
+        for shard in shards:
+            check_safetensors(shard)
+    except DataError as err:
+        raise ModelLoadError(str(err)) from err
+    if not shards and not any(path.glob("*.bin")):
+        raise ModelLoadError(f"model directory {path} has no weights (model.safetensors)")
+
+
 def resolve_model_path(name: str) -> str:
     """Map a model name to something ``from_pretrained`` takes: a local directory or a hub id."""
     if name == EMBEDDED:
@@ -159,9 +203,7 @@ def resolve_model_path(name: str) -> str:
         return str(tiny_model_path())
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").exists():
-            raise ModelLoadError(f"model directory {path} has no config.json "
-                                 "(is it a model saved with save_pretrained?)")
+        check_model_dir(path)
         return str(path)
     if path.exists():
         raise ModelLoadError(f"model path {path} is a file, not a model directory")
@@ -175,10 +217,19 @@ def resolve_model_path(name: str) -> str:
     )
 
 
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    path = resolve_model_path(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # as in load_model: one line naming the model, not a traceback
+        raise ModelLoadError(f"could not load the tokenizer of {name!r} from {path}: {_first_line(err)}") from err
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -198,8 +249,10 @@ def load_model(name: str, dtype: str | torch.dtype | None = None, device: str | 
     try:
         tok = load_tokenizer(name)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except OSError as err:
-        raise ModelLoadError(f"could not load model {name!r} from {path}: {err}") from err
+    except ModelLoadError:
+        raise
+    except Exception as err:  # transformers raises OSError, ValueError, KeyError, safetensors' own errors ...
+        raise ModelLoadError(f"could not load model {name!r} from {path}: {_first_line(err)}") from err
     model.to(device)
     model.eval()
     if model.generation_config.pad_token_id is None:

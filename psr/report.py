@@ -7,7 +7,6 @@ wrong, steps per solution and mean step length (paper Table 4), DPO loss and rew
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -15,13 +14,20 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from psr.files import read_jsonl, write_text_atomic  # noqa: E402
+from psr.files import DataError, read_json, read_jsonl, write_text_atomic  # noqa: E402
 from psr.pairs import ending_pairs, judge_in_search  # noqa: E402
 from psr.steps import has_final_answer  # noqa: E402
 
 
 def _load(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
+    """A stage's JSON artifact, None when the stage has not written it; a damaged one is a
+    :class:`DataError` naming it (``psr iterate`` on the run checks its stages and redoes that one)."""
+    if not path.exists():
+        return None
+    try:
+        return read_json(path)
+    except DataError as err:
+        raise DataError(f"{err}; run psr iterate on the run again to redo its stage") from err
 
 
 def _load_eval(d: Path) -> dict | None:
@@ -215,7 +221,7 @@ def summary_table(run_dir: str | Path) -> str:
 
 def stage_times(run_dir: str | Path) -> list[tuple[str, float]]:
     """(stage id, seconds) from the ``<stage>.done`` markers, in the order the stages finished."""
-    done = [json.loads(p.read_text()) for p in Path(run_dir).rglob("*.done")]
+    done = [_load(p) for p in Path(run_dir).rglob("*.done")]
     done.sort(key=lambda d: d.get("finished_at", ""))
     return [(d["stage"], d["seconds"]) for d in done if "stage" in d and "seconds" in d]
 

@@ -16,8 +16,9 @@ and every later one, so a change that only they use is accepted with it (:func:`
 from __future__ import annotations
 
 import dataclasses
-import json
+import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +26,10 @@ from typing import Literal
 
 import yaml
 
-from psr.config import ConfigError, from_dict, to_dict
+from psr.config import ConfigError, check_at_least, from_dict, to_dict
 from psr.distributed import context
 from psr.evaluate import EvalConfig, evaluate
-from psr.files import write_json_atomic, write_text_atomic
+from psr.files import DataError, check_safetensors, read_json, read_jsonl, write_json_atomic, write_text_atomic
 from psr.judge_eval import JudgeEvalConfig, judge_eval
 from psr.search import SearchConfig, run_search
 from psr.tasks import TaskConfig
@@ -50,6 +51,8 @@ class BenchmarkConfig(EvalConfig):
     test_time_limit: int | None = None  # problems for the test-time search (default: limit)
 
     def __post_init__(self):
+        super().__post_init__()
+        check_at_least(self, 1, "test_time_limit")
         if self.model is not None or self.out is not None:
             raise ValueError(f"benchmark {self.name}: model and out are set by the loop; leave them out")
 
@@ -82,8 +85,8 @@ class RunConfig:
     eval_m0: bool = True  # evaluate the starting model too
 
     def __post_init__(self):
-        if self.rounds < 0 or self.problems_per_round < 1:
-            raise ValueError("rounds must be >= 0 and problems_per_round >= 1")
+        check_at_least(self, 0, "rounds", "judge_eval_limit")
+        check_at_least(self, 1, "problems_per_round")
         if len({b.name for b in self.benchmarks}) != len(self.benchmarks):
             raise ValueError("benchmark names must be unique")
 
@@ -106,12 +109,41 @@ class Stage:
 # ---------------------------------------------------------------------------------------------
 # Stages
 # ---------------------------------------------------------------------------------------------
+def run_dir_of(stage_dir: Path) -> Path:
+    """The run folder of a stage folder (``m0``, ``init`` or ``<method>/round_<r>``, see :func:`plan`)."""
+    return stage_dir.parent.parent if stage_dir.name.startswith("round_") else stage_dir.parent
+
+
+def in_run(path: str | Path, run_dir: Path) -> str:
+    """How a marker stores a model path: relative to the run folder (so the folder can be moved, or
+    resumed from another directory); a path outside the run folder is stored absolute."""
+    if not Path(path).exists():
+        return str(path)  # a model name, not a folder
+    rel = os.path.relpath(Path(path).resolve(), Path(run_dir).resolve())
+    return str(Path(path).resolve()) if rel == ".." or rel.startswith(".." + os.sep) else rel
+
+
+def resolve_in_run(stored: str, run_dir: Path) -> str:
+    """A model path from a marker, as this process can open it: relative to the run folder; older
+    markers held it relative to where the run was started (``../runs/K3/init/model``), which is
+    tried as is and then by its tail inside the run folder (a run folder moved since)."""
+    path = Path(stored)
+    if not path.is_absolute() and (run_dir / path).is_dir():
+        return str(run_dir / path)
+    if path.is_dir():
+        return stored
+    for k in range(1, len(path.parts)):
+        if (run_dir / Path(*path.parts[k:])).is_dir():
+            return str(run_dir / Path(*path.parts[k:]))
+    return stored  # not a folder: a model name (a hub id or a built-in one)
+
+
 def model_of(stage_dir: Path) -> str:
     """The model a finished train/init stage produced (a round without pairs keeps its start model)."""
     for kind in ("train", "init"):
         marker = stage_dir / f"{kind}.done"
         if marker.exists():
-            return json.loads(marker.read_text())["model"]
+            return resolve_in_run(read_json(marker)["model"], run_dir_of(stage_dir))
     raise FileNotFoundError(f"no finished model stage in {stage_dir}")
 
 
@@ -147,7 +179,7 @@ def eval_stage(cfg: RunConfig, model_dir_of, out_dir: Path, rank: int):
             j = judge_eval(jcfg, model, tok)
             summary["judge"] = {k: v for k, v in j.items() if k not in ("pairs", "config")}
         write_json_atomic(out_dir / "eval.json", summary)
-        return {"model": model_name}
+        return {"model": in_run(model_name, run_dir_of(out_dir))}
 
     return run
 
@@ -161,7 +193,7 @@ def init_stage(cfg: RunConfig, run_dir: Path):
         icfg = dataclasses.replace(cfg.init, model=cfg.model, out=str(out), task=cfg.task, seed=cfg.seed,
                                    data_seed=cfg.seed, judge_template=cfg.search.judge.template)
         log = run_init(icfg)
-        return {"model": str(out), "seconds_per_step": log.get("seconds_per_step")}
+        return {"model": in_run(out, run_dir), "seconds_per_step": log.get("seconds_per_step")}
 
     return run
 
@@ -190,11 +222,12 @@ def train_stage(cfg: RunConfig, start_dir: Path, out_dir: Path, rank: int):
         start = model_of(start_dir)
         if not read_jsonl(out_dir / "pairs.jsonl"):
             # Nothing to learn from: the round keeps its starting model and says so.
-            return {"model": start, "skipped": "no pairs in this round"}
+            return {"model": in_run(start, run_dir_of(out_dir)), "skipped": "no pairs in this round"}
         tcfg = dataclasses.replace(cfg.train, model=start, pairs=str(out_dir / "pairs.jsonl"),
                                    out=str(out_dir / "model"), seed=cfg.seed)
         log = run_train(tcfg)
-        return {"model": str(out_dir / "model"), "seconds_per_step": log.get("seconds_per_step")}
+        return {"model": in_run(out_dir / "model", run_dir_of(out_dir)),
+                "seconds_per_step": log.get("seconds_per_step")}
 
     return run
 
@@ -300,6 +333,133 @@ def check_config_change(old: dict, cfg: RunConfig, stages: list[Stage], restart_
     return changed
 
 
+# ---------------------------------------------------------------------------------------------
+# Resuming: are the finished stages' artifacts whole? Is there enough data?
+# ---------------------------------------------------------------------------------------------
+def _check_model_output(path: Path) -> None:
+    from psr.models import check_model_dir
+
+    if not path.is_dir():
+        raise DataError(f"{path} is missing")
+    if (path / "adapter_config.json").exists() and not (path / "config.json").exists():  # save_adapter: true
+        read_json(path / "adapter_config.json")
+        for shard in path.glob("*.safetensors"):
+            check_safetensors(shard)
+    else:
+        check_model_dir(path)
+    if (path / "train_log.json").exists():
+        read_json(path / "train_log.json")
+
+
+def _check_search_output(out: Path) -> None:
+    for name in ("search.jsonl", "pairs.jsonl"):
+        if not (out / name).exists():
+            raise DataError(f"{out / name} is missing")
+        read_jsonl(out / name)
+
+
+def damaged(stage: Stage, cfg: RunConfig) -> str | None:
+    """What is wrong with a finished stage's artifacts (the file named), or None when they are whole.
+    Cheap checks: the marker and every JSON/JSONL file parse, model weights' headers are readable."""
+    from psr.models import ModelLoadError
+
+    try:
+        info = read_json(stage.marker)
+        if stage.kind in ("init", "train") and not info.get("skipped"):
+            if not isinstance(info.get("model"), str):
+                raise DataError(f"{stage.marker}: no model path in it")
+            _check_model_output(Path(resolve_in_run(info["model"], run_dir_of(stage.dir))))
+        elif stage.kind == "search":
+            _check_search_output(stage.dir)
+            read_json(stage.dir / "pair_stats.json")
+        elif stage.kind == "eval":
+            summary = read_json(stage.dir / "eval.json")
+            missing = [b.name for b in cfg.benchmarks if b.name not in (summary.get("benchmarks") or {})]
+            if missing:
+                raise DataError(f"{stage.dir / 'eval.json'}: no result for benchmark {missing[0]}")
+            for b in cfg.benchmarks:
+                read_json(stage.dir / f"eval_{b.name}.json")
+                if b.test_time_search:
+                    _check_search_output(stage.dir / f"tts_{b.name}")
+            if cfg.judge_eval_limit:
+                read_json(stage.dir / "judge_eval.json")
+    except (DataError, ModelLoadError) as err:
+        return str(err)
+    return None
+
+
+def downstream(stages: list[Stage], i: int) -> list[Stage]:
+    """Stage ``i`` and the finished stages built on its output: an eval stage feeds nothing; init
+    feeds every later stage; a round's search or train feeds the later stages of its method."""
+    s = stages[i]
+    if s.kind == "eval":
+        later = []
+    elif s.id.startswith("init/"):
+        later = stages[i + 1 :]
+    else:
+        method = s.id.split("/")[0] + "/"
+        later = [t for t in stages[i + 1 :] if t.id.startswith(method)]
+    return [s, *later]
+
+
+def forget(stage: Stage, cfg: RunConfig, keep_chunks: bool = False) -> None:
+    """Make a stage unfinished: its marker goes and, unless ``keep_chunks``, the search chunks it
+    would otherwise resume from (its own search's, or its benchmarks' test-time searches')."""
+    stage.marker.unlink(missing_ok=True)
+    if keep_chunks:
+        return
+    if stage.kind == "search":
+        shutil.rmtree(stage.dir / "search_chunks", ignore_errors=True)
+    elif stage.kind == "eval":
+        for b in cfg.benchmarks:
+            shutil.rmtree(stage.dir / f"tts_{b.name}" / "search_chunks", ignore_errors=True)
+
+
+def redo_damaged(stages: list[Stage], cfg: RunConfig, warn) -> list[str]:
+    """Check every finished stage's artifacts; a damaged one is named (``warn``) and it and the
+    stages built on it are made unfinished, so this start redoes them. Returns the ids redone."""
+    redo: list[str] = []
+    for i, stage in enumerate(stages):
+        if not stage.done() or stage.id in redo:
+            continue
+        problem = damaged(stage, cfg)
+        if problem is None:
+            continue
+        affected = [s for s in downstream(stages, i) if s.id not in redo and (s is stage or s.done())]
+        later = f" and {len(affected) - 1} stage(s) built on it" if len(affected) > 1 else ""
+        warn(f"warning: {problem}: redoing {stage.id}{later}")
+        for s in affected:
+            forget(s, cfg, keep_chunks=s is stage)  # its own chunks are checked one by one when it resumes
+            redo.append(s.id)
+    return redo
+
+
+def check_enough_problems(cfg: RunConfig) -> None:
+    """A data file must hold a new set of problems for every round (search offset = (round - 1) x
+    problems_per_round); fewer rows is refused up front, naming the numbers."""
+    if cfg.task.name == "arithmetic" or not cfg.methods or not cfg.rounds:
+        return
+    from psr.tasks import make_task
+
+    have, need = len(make_task(cfg.task).all_problems()), cfg.problems_per_round * cfg.rounds
+    if have < need:
+        raise DataError(f"{cfg.task.data} has {have} problems, but problems_per_round {cfg.problems_per_round} x "
+                        f"rounds {cfg.rounds} needs {need} (each round searches new ones): lower one of them or "
+                        "use a bigger file")
+
+
+def read_stored_config(stored: Path) -> dict:
+    """A run's ``config.yaml``; a damaged one is refused, naming it (it guards the finished stages)."""
+    try:
+        old = yaml.safe_load(stored.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{stored}: damaged, cannot compare the config with it ({err}); restore it, or start "
+                          "a new run (--run DIR)") from err
+    if not isinstance(old, dict):
+        raise ConfigError(f"{stored}: damaged (not a mapping); restore it, or start a new run (--run DIR)")
+    return old
+
+
 def iterate(cfg: RunConfig, run_dir: str | Path | None = None, restart_from: str | None = None,
             stop_after: str | None = None, progress: bool = True) -> Path:
     """Run (or resume) every unfinished stage; returns the run folder. A config that differs from
@@ -313,20 +473,20 @@ def iterate(cfg: RunConfig, run_dir: str | Path | None = None, restart_from: str
     ids = [s.id for s in stages]
     if restart_from is not None and restart_from not in ids:
         raise ConfigError(f"--restart-from {restart_from!r}: no such stage; stages are: {', '.join(ids)}")
+    check_enough_problems(cfg)
 
     stored = run_dir / "config.yaml"
     new = to_dict(cfg)
     if stored.exists():
-        changed = check_config_change(yaml.safe_load(stored.read_text()), cfg, stages, restart_from)
+        changed = check_config_change(read_stored_config(stored), cfg, stages, restart_from)
         if changed and rank == 0:
             console.print(f"config of {run_dir} changed: {', '.join(changed)} (no finished stage used them"
                           f"{' before ' + restart_from if restart_from else ''}); {stored} updated")
     if rank == 0:
         if restart_from is not None:  # redo on purpose: forget this stage and every later one
             for s in stages[ids.index(restart_from):]:
-                s.marker.unlink(missing_ok=True)
-                if s.kind == "search":
-                    shutil.rmtree(s.dir / "search_chunks", ignore_errors=True)
+                forget(s, cfg)  # test-time-search chunks of its eval stages too
+        redo_damaged(stages, cfg, lambda line: print(line, file=sys.stderr))
         write_text_atomic(stored, yaml.safe_dump(new, sort_keys=False))
     barrier()
 

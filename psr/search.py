@@ -15,6 +15,7 @@ merged result equals a single-process run, and (b) a killed search resumes at it
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,9 +25,9 @@ import torch
 from tqdm.auto import tqdm
 
 from psr.answers import extract_answer
-from psr.config import ConfigError
+from psr.config import ConfigError, check_at_least
 from psr.distributed import context, device_for
-from psr.files import read_jsonl, write_jsonl_atomic
+from psr.files import DataError, read_jsonl, write_jsonl_atomic
 from psr.generation import generate
 from psr.judge import JudgeConfig, StepJudge, truth_comparison
 from psr.pairs import PairsConfig
@@ -42,6 +43,10 @@ class SRLMConfig:
     max_new_tokens: int = 320
     judge_mode: Literal["logits", "generate"] = "logits"  # score from P("0".."5") or parse "Score: N"
     judge_max_new_tokens: int = 128
+
+    def __post_init__(self):
+        check_at_least(self, 2, "samples")  # a pair needs two solutions
+        check_at_least(self, 1, "max_new_tokens", "judge_max_new_tokens")
 
 
 @dataclass
@@ -70,8 +75,8 @@ class SearchConfig:
     def __post_init__(self):
         if self.width < 2:
             raise ValueError(f"width must be >= 2 (pairs need two candidates), got {self.width}")
-        if self.chunk_size < 1 or self.max_steps < 1:
-            raise ValueError("chunk_size and max_steps must be >= 1")
+        check_at_least(self, 1, "chunk_size", "max_steps", "limit", "batch_size", "max_step_tokens")
+        check_at_least(self, 0, "offset", "max_rollbacks")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,6 +163,33 @@ def _trace(s: dict, task, method: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Driver: chunks, seeds, resume, sharding across accelerate processes
 # ---------------------------------------------------------------------------------------------
+def _read_chunk(path: Path, problems) -> list[dict]:
+    """A saved chunk's traces, checked: every line parses and the chunk holds exactly its problems,
+    in order (a copy cut short is not merged as is). Raises :class:`DataError` naming the file."""
+    traces = read_jsonl(path)
+    got, want = [t.get("problem_id") for t in traces], [p.id for p in problems]
+    if got != want:
+        missing = [i for i in want if i not in got]
+        raise DataError(f"{path}: holds {len(got)} of the chunk's {len(want)} problems"
+                        + (f" (missing {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})" if missing
+                           else " (not the chunk's problems)"))
+    return traces
+
+
+def _saved_chunk_ok(chunk_dir: Path, c: int, problems) -> bool:
+    """Is chunk ``c`` saved and whole? A damaged one is named, deleted and searched again."""
+    path = chunk_dir / f"{c:05d}.jsonl"
+    if not path.exists():
+        return False
+    try:
+        _read_chunk(path, problems)
+        return True
+    except DataError as err:
+        print(f"warning: {err}; searching this chunk again", file=sys.stderr)
+        path.unlink(missing_ok=True)
+        return False
+
+
 def run_search(cfg: SearchConfig, model=None, tokenizer=None, progress: bool = True) -> dict:
     """Search every problem, write ``out/search.jsonl`` and ``out/pairs.jsonl``; return the pair stats."""
     from psr.models import load_model
@@ -175,7 +207,7 @@ def run_search(cfg: SearchConfig, model=None, tokenizer=None, progress: bool = T
     kwargs = {"offset": cfg.offset} if cfg.task.name != "arithmetic" else {}
     problems = task.problems(cfg.split, cfg.limit, seed=cfg.seed, **kwargs)
     chunks = [problems[i : i + cfg.chunk_size] for i in range(0, len(problems), cfg.chunk_size)]
-    mine = [c for c in range(len(chunks)) if c % world == rank and not (chunk_dir / f"{c:05d}.jsonl").exists()]
+    mine = [c for c in range(len(chunks)) if c % world == rank and not _saved_chunk_ok(chunk_dir, c, chunks[c])]
 
     if mine:
         if model is None:
@@ -200,7 +232,7 @@ def run_search(cfg: SearchConfig, model=None, tokenizer=None, progress: bool = T
     if rank != 0:
         barrier()
         return {}
-    traces = [t for c in range(len(chunks)) for t in read_jsonl(chunk_dir / f"{c:05d}.jsonl")]
+    traces = [t for c in range(len(chunks)) for t in _read_chunk(chunk_dir / f"{c:05d}.jsonl", chunks[c])]
     write_jsonl_atomic(out / "search.jsonl", traces)
     if tokenizer is None:
         from psr.models import load_tokenizer

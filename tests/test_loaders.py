@@ -31,7 +31,7 @@ def _write(tmp_path, rows, name="bad.jsonl"):
 def test_malformed_data_names_file_line_and_field(tmp_path):
     ok = {"question": "1+1?", "answer": "2\n#### 2"}
     path = _write(tmp_path, [ok, {"question": "2+2?"}])
-    with pytest.raises(DataError, match=r"bad.jsonl:2: missing or empty field 'answer'"):
+    with pytest.raises(DataError, match=r"bad.jsonl:2: missing field 'answer'"):
         JsonlMathTask(kind="gsm8k", data=path).problems()
     path = _write(tmp_path, [ok, ok, {"question": "x", "answer": "no gold here"}])
     with pytest.raises(DataError, match=r"bad.jsonl:3: field 'answer' has no gold"):

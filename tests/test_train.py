@@ -247,17 +247,17 @@ def test_ift_and_eft_from_files(tmp_path, tok):
     cfg = InitConfig(model="tiny-random", ift_data=str(ift), eft_data=str(eft))
     assert len(build_ift(cfg, tok)) == 3 and len(build_eft(cfg, tok)) == 1
     for content, message in [
-        ({"question": "q"}, ":1: missing or empty field 'answer'"),
+        ({"question": "q"}, ":1: missing field 'answer'"),
         ({"question": "q", "answer": "no gold"}, ":1: field 'answer' has no '#### <answer>'"),
-        ({"prompt": "p"}, ":1: missing or empty field 'completion'"),
-        ({"answer": "#### 3"}, ":1: missing or empty field 'question'"),
+        ({"prompt": "p"}, ":1: missing field 'completion'"),
+        ({"answer": "#### 3"}, ":1: missing field 'question'"),
     ]:
         ift.write_text(json.dumps(content) + "\n")
         with pytest.raises(DataError, match=message):
             read_ift_file(str(ift), tok)
     for content, message in [
         ({"question": "q", "step_a": "a", "step_b": "b", "verdict": "C"}, ":1: field 'verdict' must be"),
-        ({"question": "q", "step_a": "a", "verdict": "A"}, ":1: missing or empty field 'step_b'"),
+        ({"question": "q", "step_a": "a", "verdict": "A"}, ":1: missing field 'step_b'"),
         ({"question": "q", "step_a": "a", "step_b": "b", "verdict": "A", "previous_steps": "x"},
          "'previous_steps' must be a list"),
     ]:

@@ -24,6 +24,11 @@ class TaskConfig:
     question_field: str = "question"  # gsm8k/math: field names in the data (e.g. problem/solution for NuminaMath)
     answer_field: str = "answer"  # gsm8k/math: the field holding the reference solution with the gold answer
 
+    def __post_init__(self):
+        if self.name == "arithmetic" and self.data is not None:
+            raise ValueError(f"data is {self.data!r}, but the arithmetic task generates its problems and reads "
+                             "no data file: leave data out, or choose task gsm8k or math")
+
 
 def make_task(cfg: TaskConfig | str, data: str | None = None) -> Task:
     if isinstance(cfg, str):

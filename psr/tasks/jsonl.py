@@ -16,7 +16,7 @@ from psr.files import DataError, iter_jsonl
 from psr.steps import step_prefix
 from psr.tasks.base import Problem, Task
 
-__all__ = ["DataError", "JsonlMathTask", "gsm8k_reference_steps", "read_rows"]
+__all__ = ["DataError", "JsonlMathTask", "check_text_field", "gsm8k_reference_steps", "read_rows"]
 
 
 def _gold(kind: str, answer: str) -> str | None:
@@ -37,6 +37,17 @@ def gsm8k_reference_steps(answer: str) -> list[str]:
     else:
         steps = [step_prefix(1) + final]
     return steps
+
+
+def check_text_field(row: dict, fld: str, where: str, hint: str = "") -> None:
+    """A required text field: missing, not a string (a number, a list, ...) or blank is a
+    :class:`DataError` at ``where`` (``file:line``) that says which (``hint``: what rows need)."""
+    if fld not in row:
+        raise DataError(f"{where}: missing field '{fld}'" + (f" ({hint})" if hint else ""))
+    if not isinstance(row[fld], str):
+        raise DataError(f"{where}: field '{fld}' must be a string, got {type(row[fld]).__name__}")
+    if not row[fld].strip():
+        raise DataError(f"{where}: field '{fld}' is empty")
 
 
 def read_rows(data: str) -> list[tuple[int, dict]]:
@@ -80,8 +91,7 @@ class JsonlMathTask(Task):
             problems = []
             for lineno, row in read_rows(self.data):
                 for fld in (self.question_field, self.answer_field):
-                    if fld not in row or not isinstance(row[fld], str) or not row[fld].strip():
-                        raise DataError(f"{self.data}:{lineno}: missing or empty field '{fld}'")
+                    check_text_field(row, fld, f"{self.data}:{lineno}")
                 answer = row[self.answer_field]
                 gold = _gold(self.kind, answer)
                 if not gold:
@@ -94,6 +104,13 @@ class JsonlMathTask(Task):
         return self._cache
 
     def problems(self, split: str = "test", limit: int | None = None, seed: int = 0, offset: int = 0) -> list[Problem]:
-        """Rows in file order (the split is the file itself); ``offset`` skips rows used elsewhere."""
-        rows = self.all_problems()[offset:]
+        """Rows in file order (the split is the file itself); ``offset`` skips rows used elsewhere.
+        No problem at all (``offset`` at or past the end, ``limit`` 0) is an error naming the numbers."""
+        if offset < 0 or (limit is not None and limit < 1):
+            raise DataError(f"{self.data}: need offset >= 0 and limit >= 1 (or null), got offset {offset}, "
+                            f"limit {limit}")
+        everything = self.all_problems()
+        if offset >= len(everything):
+            raise DataError(f"no problems: offset {offset} is past the end of {self.data} ({len(everything)} rows)")
+        rows = everything[offset:]
         return rows[:limit] if limit is not None else rows

@@ -34,7 +34,7 @@ from psr.judge import JUDGE_PROMPT, judge_messages, judge_reply
 from psr.steps import STEP_MARKER_RE, format_solution, render_prompt, step_prefix
 from psr.tasks import DataError, TaskConfig, make_task
 from psr.tasks.arithmetic import CORRUPTIONS, EQUATION_RE, ArithmeticTask
-from psr.tasks.jsonl import gsm8k_reference_steps, read_rows
+from psr.tasks.jsonl import check_text_field, gsm8k_reference_steps, read_rows
 from psr.train.common import (
     TrainSettings,
     build_trainer_arguments,
@@ -119,25 +119,24 @@ def read_ift_file(path: str, tokenizer, limit: int | None = None) -> list[dict]:
         where = f"{path}:{lineno}"
         if "prompt" in row or "completion" in row:
             for fld in ("prompt", "completion"):
-                if not isinstance(row.get(fld), str) or not row[fld].strip():
-                    raise DataError(f"{where}: missing or empty field '{fld}' (prompt/completion rows need both)")
+                check_text_field(row, fld, where, "prompt/completion rows need both")
             rows.append({"prompt": row["prompt"], "completion": row["completion"], "source": "file"})
         else:
-            if not isinstance(row.get("question"), str) or not row["question"].strip():
-                raise DataError(f"{where}: missing or empty field 'question' (IFT rows: question + answer, "
-                                "question + steps, or prompt + completion)")
+            check_text_field(row, "question", where,
+                             "IFT rows: question + answer, question + steps, or prompt + completion")
             if "steps" in row:
                 steps = row["steps"]
                 if not isinstance(steps, list) or not steps or not all(isinstance(s, str) and s.strip() for s in steps):
                     raise DataError(f"{where}: field 'steps' must be a non-empty list of strings")
                 steps = _numbered(row["steps"])
-            elif isinstance(row.get("answer"), str) and row["answer"].strip():
+            elif "answer" in row:
+                check_text_field(row, "answer", where)
                 if "####" not in row["answer"]:
                     raise DataError(f"{where}: field 'answer' has no '#### <answer>' line (GSM8K style) "
                                     "to take the gold from")
                 steps = gsm8k_reference_steps(row["answer"])
             else:
-                raise DataError(f"{where}: missing or empty field 'answer' (or 'steps')")
+                raise DataError(f"{where}: missing field 'answer' (or 'steps')")
             rows.append({"prompt": render_prompt(tokenizer, row["question"].strip()),
                          "completion": format_solution(steps), "source": "file"})
         if limit is not None and len(rows) >= limit:
@@ -210,9 +209,7 @@ def read_eft_file(path: str, tokenizer, limit: int | None = None, with_justifica
     for lineno, row in read_rows(path):
         where = f"{path}:{lineno}"
         for fld in ("question", "step_a", "step_b"):
-            if not isinstance(row.get(fld), str) or not row[fld].strip():
-                raise DataError(f"{where}: missing or empty field '{fld}' "
-                                "(EFT rows: question, previous_steps, step_a, step_b, verdict)")
+            check_text_field(row, fld, where, "EFT rows: question, previous_steps, step_a, step_b, verdict")
         prev = row.get("previous_steps", [])
         if not isinstance(prev, list) or not all(isinstance(s, str) for s in prev):
             raise DataError(f"{where}: field 'previous_steps' must be a list of strings")

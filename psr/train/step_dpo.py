@@ -79,8 +79,6 @@ def load_pairs(path: str | Path, need: tuple[str, ...] = REQUIRED) -> list[dict]
         raise DataError(f"pairs file {path} does not exist")
     if path.is_dir():
         raise DataError(f"pairs file {path} is a directory (expected a JSONL file)")
-    if not path.read_text().strip():
-        raise DataError(f"{path}: no pairs (the file is empty)")
     rows = []
     for lineno, row in iter_jsonl(path):
         for fld in need:
@@ -91,13 +89,27 @@ def load_pairs(path: str | Path, need: tuple[str, ...] = REQUIRED) -> list[dict]
                     raise DataError(f"{path}:{lineno}: field 'previous_steps' must be a list of strings")
             elif not isinstance(row[fld], str):
                 raise DataError(f"{path}:{lineno}: field '{fld}' must be a string, got {type(row[fld]).__name__}")
-            elif fld in ("chosen", "rejected", "question") and not row[fld].strip():
+            elif fld in ("prompt", "chosen", "rejected", "question") and not row[fld].strip():
                 raise DataError(f"{path}:{lineno}: field '{fld}' is empty")
         row["_line"] = lineno
         rows.append(row)
     if not rows:
         raise DataError(f"{path}: no pairs (the file is empty)")
     return rows
+
+
+def skip_identical(rows: list[dict], path: str | Path) -> tuple[list[dict], int]:
+    """Rows whose chosen and rejected steps differ (after stripping), and how many were skipped: an
+    identical pair has no learning signal (its DPO loss is log 2 whatever the model). Some are
+    skipped with a warning naming the lines; all of them is a :class:`DataError`."""
+    keep = [r for r in rows if r["chosen"].strip() != r["rejected"].strip()]
+    same = [r["_line"] for r in rows if r["chosen"].strip() == r["rejected"].strip()]
+    if not keep:
+        raise DataError(f"{path}: all {len(rows)} pairs have chosen == rejected: nothing to learn from")
+    if same:
+        lines = ", ".join(map(str, same[:10])) + (", ..." if len(same) > 10 else "")
+        log.warning("%s: skipped %d of %d pairs whose chosen == rejected (line %s)", path, len(same), len(rows), lines)
+    return keep, len(same)
 
 
 def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, eos: bool = False) -> dict:
@@ -123,11 +135,12 @@ class StepDPOTrainer(DPOTrainer):
     def __init__(self, *args, max_prompt_length: int | None = None, **kwargs):
         self.psr_max_prompt_length = max_prompt_length  # read by _prepare_dataset, which __init__ calls
         self.psr_dropped = 0
+        self.psr_truncated = 0
         super().__init__(*args, **kwargs)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         tok = self._tokenizer
-        rows, merged, too_long = [], 0, 0
+        rows, merged, too_long, cut, longest = [], 0, 0, 0, 0
         for row in dataset:
             t = tokenize_pair(tok, row["prompt"], row["chosen"], row["rejected"], eos=row.get("kind") == "solution")
             merged += t.pop("merged")
@@ -135,15 +148,24 @@ class StepDPOTrainer(DPOTrainer):
                     args.max_length is not None and len(t["prompt_ids"]) >= args.max_length):
                 too_long += 1  # the step would be truncated away: no learning signal
                 continue
+            length = len(t["prompt_ids"]) + max(len(t["chosen_ids"]), len(t["rejected_ids"]))
+            if args.max_length is not None and length > args.max_length:
+                cut += 1  # TRL keeps the first max_length tokens: the step's end is cut off
+                longest = max(longest, length)
             rows.append(t)
         if merged:
             log.warning("%d of %d %s pairs: the prompt's last token merges with the step's first; end the prompt "
                         "on a token boundary (a newline before 'Step n:')", merged, len(dataset), dataset_name)
         if too_long:
             log.warning("dropped %d of %d %s pairs whose prompt is too long", too_long, len(dataset), dataset_name)
+        if cut:
+            log.warning("%d of %d %s pairs are longer than max_length %d tokens (longest %d): their steps are cut "
+                        "at max_length; raise max_length or drop long steps (pairs.max_step_tokens)", cut,
+                        len(dataset), dataset_name, args.max_length, longest)
         if not rows:
             raise DataError(f"no {dataset_name} pairs left after dropping prompts longer than the max length")
         self.psr_dropped += too_long
+        self.psr_truncated += cut
         return Dataset.from_list(rows)
 
 
@@ -177,7 +199,7 @@ def build_trainer(cfg: StepDPOConfig, callbacks: list | None = None, trainer_cla
     """The configured trainer, ready for ``.train()`` (tests and benchmarks use it directly;
     ``trainer_class=DPOTrainer`` gives plain TRL on the same rows, EOS appended)."""
     need = REQUIRED + (("question", "previous_steps") if cfg.prompt_from == "render" else ())
-    rows = load_pairs(cfg.pairs, need)
+    rows, identical = skip_identical(load_pairs(cfg.pairs, need), cfg.pairs)
     args = dpo_args(cfg)  # before the models: DeepSpeed ZeRO-3 must see the config first
     model, tok = load_for_training(cfg.model, cfg)
     if cfg.prompt_from == "render":
@@ -201,7 +223,8 @@ def build_trainer(cfg: StepDPOConfig, callbacks: list | None = None, trainer_cla
     trainer = trainer_class(model=model, ref_model=ref, args=args, train_dataset=data, processing_class=tok,
                             peft_config=lora_config(cfg), callbacks=callbacks, **extra)
     trainer.psr_timer = timer
-    trainer.psr_n_pairs = len(rows)
+    trainer.psr_n_pairs = len(rows) + identical  # in the file
+    trainer.psr_identical = identical
     return trainer
 
 
@@ -209,7 +232,15 @@ def run_train(cfg: StepDPOConfig, callbacks: list | None = None) -> dict:
     """Train one round and save the model to ``cfg.out`` (atomically); returns the training log."""
     prepare_output(cfg)
     trainer = build_trainer(cfg, callbacks)
-    return train_and_save(cfg, trainer, {"pairs": trainer.psr_n_pairs, "pairs_dropped": trainer.psr_dropped})
+    return train_and_save(cfg, trainer, pair_counts(trainer))
+
+
+def pair_counts(trainer) -> dict:
+    """What the trainer trained on and what it left out of the pairs file, for the log and the summary."""
+    skipped = {"chosen == rejected": trainer.psr_identical, "prompt too long": trainer.psr_dropped}
+    skipped = {k: v for k, v in skipped.items() if v}
+    return {"pairs": trainer.psr_n_pairs - sum(skipped.values()), "pairs_in_file": trainer.psr_n_pairs,
+            "pairs_skipped": skipped, "pairs_truncated": trainer.psr_truncated}
 
 
 def step_logps(model, tokenizer, rows: list[dict], batch_size: int = 8) -> tuple[list[float], list[float]]:
