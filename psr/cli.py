@@ -165,9 +165,11 @@ def _quiet_libraries():
 def cmd_eval(cfg, args) -> int:
     from psr.evaluate import evaluate, format_table
 
-    print(format_table(evaluate(cfg)))
-    if cfg.out:
-        print(f"wrote {cfg.out}")
+    result = evaluate(cfg)
+    if result:  # rank 0 only (under several processes the others return {})
+        print(format_table(result))
+        if cfg.out:
+            print(f"wrote {cfg.out}")
     return 0
 
 

