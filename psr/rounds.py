@@ -311,7 +311,31 @@ def check_config_change(old: dict, cfg: RunConfig, stages: list[Stage], restart_
 def iterate(cfg: RunConfig, run_dir: str | Path | None = None, restart_from: str | None = None,
             stop_after: str | None = None, progress: bool = True) -> Path:
     """Run (or resume) every unfinished stage; returns the run folder. A config that differs from
-    the one stored in the run folder is checked by :func:`check_config_change`, then stored."""
+    the one stored in the run folder is checked by :func:`check_config_change`, then stored. The
+    run folder is locked meanwhile (:mod:`psr.runlock`): a second loop on it stops with a message."""
+    from psr.distributed import broadcast
+    from psr.runlock import RunLock, RunLocked
+
+    run_dir = Path(run_dir or Path("runs") / cfg.name)
+    rank = context()[0]
+    lock, refused = None, None
+    if rank == 0:  # one lock per run: rank 0 takes it for every process of this launch
+        try:
+            lock = RunLock(run_dir).acquire()
+        except RunLocked as err:
+            refused = str(err)
+    refused = broadcast(refused)  # every rank stops, not only rank 0 (the others would wait at a barrier)
+    if refused:
+        raise RunLocked(refused)
+    try:
+        return _iterate(cfg, run_dir, restart_from, stop_after, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _iterate(cfg: RunConfig, run_dir: str | Path | None = None, restart_from: str | None = None,
+             stop_after: str | None = None, progress: bool = True) -> Path:
     from rich.console import Console
 
     console = Console(stderr=True)

@@ -4,6 +4,7 @@ run folder, training stages that resume from their checkpoints, and the EOS chec
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +99,78 @@ def test_process_group_timeout_is_a_setting(tmp_path, monkeypatch):
     monkeypatch.setenv("PSR_DIST_TIMEOUT", "soon")
     with pytest.raises(ConfigError, match="PSR_DIST_TIMEOUT"):
         timeout_seconds()
+
+
+# ---- item 6: one loop per run folder ---------------------------------------------------------------
+def test_a_second_loop_on_the_same_run_folder_is_refused(tmp_path, capsys):
+    from psr.cli import main
+    from psr.runlock import RunLock, RunLocked
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom psr.runlock import RunLock\n"
+                               "RunLock(sys.argv[1]).acquire()\nprint('held', flush=True)\ntime.sleep(120)", str(run)],
+                              cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["iterate", "--config", str(TINY), "--run", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert f"run folder {run} is in use" in err and f"pid {holder.pid} on {socket.gethostname()}" in err
+        assert not (run / "config.yaml").exists()  # refused before touching anything
+        # under a launcher every rank stops (none waits at a barrier for rank 0)
+        two = subprocess.run([*TWO, "-m", "psr.cli", "iterate", "--config", str(TINY), "--run", str(run)], cwd=ROOT,
+                             env=ENV, capture_output=True, text=True, timeout=300)
+        assert two.returncode != 0 and two.stderr.count("is in use") >= 2, two.stderr[-3000:]
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunLock(run):  # the holder was killed: its lock went with it
+        with pytest.raises(RunLocked):
+            RunLock(run).acquire()  # and a lock held in this same process refuses a second taker too
+
+
+def test_run_lock_without_file_system_locks_judges_by_the_holder(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from psr.runlock import RunLock, RunLocked
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "no locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock = tmp_path / ".lock"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid}))
+    RunLock(tmp_path).acquire().release()  # its holder is gone: stale, taken over
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid()}))
+    with pytest.raises(RunLocked, match="has no locks"):
+        RunLock(tmp_path).acquire()
+
+
+def test_slurm_scripts_requeue_kill_on_bad_exit_and_activate_the_environment(tmp_path):
+    fake_bin, venv = tmp_path / "bin", tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    fake_bin.mkdir()
+    for name in ("srun", "accelerate"):  # stand-ins that say how they were called and in which environment
+        (venv / "bin" / name).write_text(f'#!/bin/bash\necho "{name} $* | $PSR_ACTIVE | $PSR_DIST_TIMEOUT"\n')
+        (venv / "bin" / name).chmod(0o755)
+    (fake_bin / "scontrol").write_text("#!/bin/bash\nprintf 'gpu-node-01\\ngpu-node-02\\n'\n")
+    (fake_bin / "scontrol").chmod(0o755)
+    (venv / "bin" / "activate").write_text(f'export PSR_ACTIVE=yes PATH="{venv / "bin"}:$PATH"\n')
+    env = {**os.environ, "PATH": f"{fake_bin}:/usr/bin:/bin", "PSR_VENV": str(venv), "SLURM_NNODES": "2",
+           "SLURM_JOB_NODELIST": "gpu-node-[01-02]", "SLURM_SUBMIT_DIR": str(ROOT)}
+    env.pop("PSR_DIST_TIMEOUT", None)
+    srun = "srun --nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1"
+    for script, args, ran in (("multinode.sbatch", ["c.yaml"], srun),
+                              ("stage.sbatch", ["c.yaml", "search"], "accelerate")):
+        text = (ROOT / "recipes" / "slurm" / script).read_text()
+        assert "#SBATCH --requeue" in text and "#SBATCH --open-mode=append" in text
+        out = subprocess.run(["bash", str(ROOT / "recipes" / "slurm" / script), *args], env=env, cwd=tmp_path,
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith(ran) and out.stdout.rstrip().endswith("| yes | 10800"), out.stdout
+    env["PSR_VENV"] = str(tmp_path / "none")  # no environment to activate and none active: a clear message
+    out = subprocess.run(["bash", str(ROOT / "recipes" / "slurm" / "stage.sbatch"), "c.yaml", "search"], env=env,
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 1 and "make setup or set PSR_VENV" in out.stderr
