@@ -244,7 +244,8 @@ def _flatten(d, prefix=""):
 
 # Settings that change how a stage reports, not what it computes (at any depth), and the run's name:
 # never a config change.
-COSMETIC = {"progress", "report_to", "logging_steps", "logging_dir", "run_name", "log_level", "disable_tqdm"}
+COSMETIC = {"progress", "report_to", "logging_steps", "logging_dir", "run_name", "log_level", "disable_tqdm",
+            "save_steps", "save_total_limit"}  # how often a training stage saves a checkpoint: not what it trains
 
 
 def _cosmetic(key: str) -> bool:

@@ -87,6 +87,8 @@ def test_killed_evaluation_resumes_at_its_first_unsaved_chunk(tmp_path, tiny, mo
 def test_process_group_timeout_is_a_setting(tmp_path, monkeypatch):
     from psr.config import ConfigError
     from psr.distributed import DEFAULT_TIMEOUT_S, timeout_seconds
+    from psr.train.common import trainer_kwargs
+    from psr.train.step_dpo import StepDPOConfig
 
     _run([*TWO, str(ROOT / "tests" / "dist_probe.py"), str(tmp_path / "probe")],
          env={**ENV, "PSR_DIST_TIMEOUT": "4321"})
@@ -96,6 +98,8 @@ def test_process_group_timeout_is_a_setting(tmp_path, monkeypatch):
 
     monkeypatch.delenv("PSR_DIST_TIMEOUT", raising=False)
     assert timeout_seconds() == DEFAULT_TIMEOUT_S == 3 * 3600
+    monkeypatch.setenv("PSR_DIST_TIMEOUT", "600")
+    assert trainer_kwargs(StepDPOConfig())["ddp_timeout"] == 600  # a trainer that sets the group up uses it too
     monkeypatch.setenv("PSR_DIST_TIMEOUT", "soon")
     with pytest.raises(ConfigError, match="PSR_DIST_TIMEOUT"):
         timeout_seconds()
@@ -174,3 +178,85 @@ def test_slurm_scripts_requeue_kill_on_bad_exit_and_activate_the_environment(tmp
     out = subprocess.run(["bash", str(ROOT / "recipes" / "slurm" / "stage.sbatch"), "c.yaml", "search"], env=env,
                          cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 1 and "make setup or set PSR_VENV" in out.stderr
+
+
+# ---- item 7: training stages resume from their checkpoints -------------------------------------------
+@pytest.fixture()
+def pairs_file(tmp_path):
+    from psr.models import load_tokenizer
+    from psr.train.step_dpo import oracle_pairs
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in oracle_pairs(load_tokenizer("tiny-random"), 8, seed=5)))
+    return path
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_killed_training_stage_resumes_from_its_last_checkpoint(tmp_path, pairs_file):
+    from transformers import TrainerCallback
+
+    from psr.train.common import partial_dir
+    from psr.train.step_dpo import StepDPOConfig, run_train
+
+    class KilledAtStep3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    settings = dict(model="tiny-random", pairs=str(pairs_file), batch_size=2, max_steps=4, save_steps=2,
+                    learning_rate=1e-3, beta=0.1, progress=False, report_to=[], seed=0)
+    straight = tmp_path / "straight"
+    run_train(StepDPOConfig(out=str(straight), **settings))
+    killed = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        run_train(StepDPOConfig(out=str(killed), **settings), callbacks=[KilledAtStep3()])
+    assert sorted(p.name for p in partial_dir(killed).glob("checkpoint-*")) == ["checkpoint-2"]  # limit 1 kept
+    log = run_train(StepDPOConfig(out=str(killed), **{**settings, "logging_steps": 2}))  # cosmetic: still resumes
+    assert log["timing"]["steps"] == 2  # steps 3 and 4 only
+    assert [h["step"] for h in log["log_history"] if "loss" in h][:2] == [1, 2]  # steps 1-2 from the checkpoint
+    a, b = _weights(straight), _weights(killed)
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-6 for k in a)  # as if never killed
+    assert not partial_dir(killed).exists() and not list(killed.glob("checkpoint-*"))
+    assert not (killed / "psr_resume.json").exists()
+
+    # A checkpoint of other training (another config, other pairs) is never resumed: the stage starts over.
+    with pytest.raises(KeyboardInterrupt):
+        run_train(StepDPOConfig(out=str(killed), **settings), callbacks=[KilledAtStep3()])
+    log = run_train(StepDPOConfig(out=str(killed), **{**settings, "learning_rate": 2e-3}))
+    assert log["timing"]["steps"] == 4
+    from psr.rounds import changed_keys
+
+    assert changed_keys({"train": {"save_steps": 50}}, {"train": {"save_steps": 10}}) == []  # the loop accepts it
+
+
+# ---- item 5: no EOS after a step, whatever TRL does -------------------------------------------------
+def test_trl_pinned_to_the_tested_range_and_eos_after_a_step_refused(tmp_path, pairs_file):
+    import trl
+    from packaging.specifiers import SpecifierSet
+    from trl import DPOTrainer
+
+    from psr.files import DataError
+    from psr.train.step_dpo import TESTED_TRL, StepDPOConfig, StepDPOTrainer, build_trainer
+
+    assert f'"{TESTED_TRL}"' in (ROOT / "pyproject.toml").read_text()  # the pin is the tested range
+    assert trl.__version__ in SpecifierSet(TESTED_TRL.removeprefix("trl"))
+
+    cfg = StepDPOConfig(model="tiny-random", pairs=str(pairs_file), out=str(tmp_path / "m"), batch_size=2, max_steps=1,
+                        progress=False, report_to=[], save_steps=0)
+
+    class RenamedInTRL(StepDPOTrainer):  # what a TRL that no longer calls _prepare_dataset amounts to
+        _prepare_dataset = DPOTrainer._prepare_dataset
+
+    with pytest.raises(RuntimeError, match=r"did not tokenise the pairs through StepDPOTrainer\._prepare_dataset"):
+        build_trainer(cfg, trainer_class=RenamedInTRL)
+    rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    rows[3]["chosen"] += "<|im_end|>"  # a step whose text ends in the EOS token
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"1 of 8 step pairs end in EOS after tokenisation \(the first: training row 3"):
+        build_trainer(StepDPOConfig(**{**cfg.__dict__, "pairs": str(bad)}))
