@@ -260,3 +260,60 @@ def test_trl_pinned_to_the_tested_range_and_eos_after_a_step_refused(tmp_path, p
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match=r"1 of 8 step pairs end in EOS after tokenisation \(the first: training row 3"):
         build_trainer(StepDPOConfig(**{**cfg.__dict__, "pairs": str(bad)}))
+
+
+# ---- item 4: every stage starts clean after DeepSpeed training --------------------------------------
+def test_fresh_state_forgets_the_deepspeed_zero3_config_a_training_stage_left(monkeypatch):
+    pytest.importorskip("deepspeed")
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from psr.distributed import fresh_state
+    from psr.train.step_dpo import StepDPOConfig
+
+    for key, value in (("ACCELERATE_USE_DEEPSPEED", "true"), ("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3"),
+                       ("ACCELERATE_DEEPSPEED_ZERO3_INIT", "true")):  # what accelerate launch sets for ZeRO-3
+        monkeypatch.setenv(key, value)
+    args = StepDPOConfig(save_steps=0).trainer_arguments()  # as a training stage builds it, before its model
+    assert is_deepspeed_zero3_enabled()  # from here on every from_pretrained in the process would be sharded
+    fresh_state()
+    assert not is_deepspeed_zero3_enabled() and args is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [2, 3])
+def test_deepspeed_training_then_search_then_eval_on_two_processes(tmp_path, zero):
+    """The loop under DeepSpeed on 2 CPU processes: SFT -> eval -> search -> step-DPO -> eval. Under ZeRO-3
+    the evaluation after training hung before every stage started clean (rank 0 loaded the model through
+    zero.Init alone). DeepSpeed compiles a helper on first use (TORCH_EXTENSIONS_DIR, about 2 minutes)."""
+    import shutil
+
+    pytest.importorskip("deepspeed")
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("DeepSpeed needs a C++ compiler")
+    from psr.config import from_dict
+    from psr.evaluate import evaluate
+    from psr.rounds import BenchmarkConfig, model_of
+
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg.update(eval_m0=False, rounds=1)
+    cfg["benchmarks"][0].update(chunk_size=1)
+    cfg["search"]["chunk_size"] = 1
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(cfg))
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "psr-tests" / "torch_extensions"))
+    run = tmp_path / "run"
+    _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+          str(ROOT / "accelerate_configs" / f"deepspeed_zero{zero}.yaml"), "--num_processes", "2", "--mixed_precision",
+          "no", str(ROOT / "recipes" / "iterate.py"), "--config", str(recipe), "--run", str(run)],
+         env={**ENV, "TORCH_EXTENSIONS_DIR": extensions}, timeout=1200)
+    ids = ["init/init", "init/eval", "psr/round_1/search", "psr/round_1/train", "psr/round_1/eval"]
+    assert [json.loads(m.read_text())["stage"] for m in sorted(run.rglob("*.done"), key=lambda m: m.stat().st_mtime)] \
+        == ids
+    assert json.loads((run / "init" / "model" / "train_log.json").read_text())["world_size"] == 2
+    bench = from_dict(BenchmarkConfig, cfg["benchmarks"][0])
+    for stage in (run / "init", run / "psr" / "round_1"):
+        merged = json.loads((stage / "eval_arithmetic.json").read_text())
+        assert [r["problems"] for r in merged["throughput"]["ranks"]] == [2, 2]
+        # both ranks evaluated whole models: the same outputs as the saved model evaluated here, alone
+        alone = evaluate(bench.eval_config(model_of(stage), 0, str(tmp_path / "alone.json")), progress=False)
+        assert [r["output"] for r in merged["problems"]] == [r["output"] for r in alone["problems"]]
