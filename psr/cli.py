@@ -302,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ModelLoadError, DataError) as err:
         print(f"psr {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        from psr.distributed import close
+
+        close()  # leave the process group cleanly (gloo may abort a process that exits without)
 
 
 if __name__ == "__main__":

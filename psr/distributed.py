@@ -57,6 +57,12 @@ def broadcast(value, src: int = 0):
     return box[0]
 
 
+def close() -> None:
+    """Leave the process group, if this process is in one (at the end of a command)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def fresh_state() -> None:
     """Forget what an earlier stage in this process left behind, keeping the process group.
 

@@ -9,7 +9,7 @@ import torch
 
 
 def main(folder: str):
-    from psr.distributed import broadcast, context
+    from psr.distributed import broadcast, close, context
 
     rank, world, barrier = context()
     group = torch.distributed.distributed_c10d._get_default_group()
@@ -19,6 +19,7 @@ def main(folder: str):
     (Path(folder) / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "world": world, "timeout": timeout,
                                                                "broadcast": shared}))
     barrier()
+    close()  # as the psr command does at its end
 
 
 if __name__ == "__main__":
