@@ -210,8 +210,15 @@ def test_killed_training_stage_resumes_from_its_last_checkpoint(tmp_path, pairs_
 
     settings = dict(model="tiny-random", pairs=str(pairs_file), batch_size=2, max_steps=4, save_steps=2,
                     learning_rate=1e-3, beta=0.1, progress=False, report_to=[], seed=0)
+    class Saves(TrainerCallback):
+        steps = []
+
+        def on_save(self, args, state, control, **kwargs):
+            self.steps.append(state.global_step)
+
     straight = tmp_path / "straight"
-    run_train(StepDPOConfig(out=str(straight), **settings))
+    run_train(StepDPOConfig(out=str(straight), **settings), callbacks=[Saves()])
+    assert Saves.steps == [2]  # none after the last step: the model is saved right then anyway
     killed = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
         run_train(StepDPOConfig(out=str(killed), **settings), callbacks=[KilledAtStep3()])

@@ -319,7 +319,8 @@ def save_final(trainer, cfg: TrainSettings, tokenizer, log: dict,
         if main:
             tokenizer.save_pretrained(str(tmp))
     if main:
-        for junk in ("training_args.bin", RESUME_FILE):
+        # TRL writes a model card (naming ".<out>.partial") into the folder with every checkpoint: not ours
+        for junk in ("training_args.bin", RESUME_FILE, "README.md"):
             (tmp / junk).unlink(missing_ok=True)
         for checkpoint in tmp.glob("checkpoint-*"):  # the stage's own checkpoints: not part of the model
             shutil.rmtree(checkpoint)
@@ -339,10 +340,19 @@ def save_final(trainer, cfg: TrainSettings, tokenizer, log: dict,
     return out
 
 
+class NoFinalCheckpoint(TrainerCallback):
+    """With ``save_strategy: steps`` the Trainer also saves a checkpoint (optimizer state included) after
+    the last step; :func:`save_final` saves the model right after and deletes it, so skip it."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_save = False
+
+
 def stage_callbacks(cfg: TrainSettings, callbacks: list | None = None) -> tuple[StepTimer, list]:
-    """The step timer, TensorBoard (when configured) and the caller's callbacks."""
+    """The step timer, no checkpoint after the last step, TensorBoard (when configured) and the caller's callbacks."""
     timer = StepTimer()
-    return timer, [timer, *tensorboard_callbacks(cfg), *(callbacks or [])]
+    return timer, [timer, NoFinalCheckpoint(), *tensorboard_callbacks(cfg), *(callbacks or [])]
 
 
 def train_and_save(cfg: TrainSettings, trainer, extra: dict | None = None, extra_files: dict | None = None) -> dict:
