@@ -165,9 +165,11 @@ def _quiet_libraries():
 def cmd_eval(cfg, args) -> int:
     from psr.evaluate import evaluate, format_table
 
-    print(format_table(evaluate(cfg)))
-    if cfg.out:
-        print(f"wrote {cfg.out}")
+    result = evaluate(cfg)
+    if result:  # rank 0 only (under several processes the others return {})
+        print(format_table(result))
+        if cfg.out:
+            print(f"wrote {cfg.out}")
     return 0
 
 
@@ -307,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ModelLoadError, DataError) as err:
         print(f"psr {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        from psr.distributed import close
+
+        close()  # leave the process group cleanly (gloo may abort a process that exits without)
 
 
 if __name__ == "__main__":

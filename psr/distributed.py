@@ -1,10 +1,38 @@
-"""Which process am I? Works alone, under ``accelerate launch`` and under ``torchrun``."""
+"""Which process am I? Works alone, under ``accelerate launch`` and under ``torchrun``.
+
+Also what several processes need besides that: the process group's timeout (``PSR_DIST_TIMEOUT``),
+a way to share one value (rank 0's) with every rank, and :func:`fresh_state`, which every stage of
+the loop starts with so that nothing a training stage left behind (DeepSpeed's global config, the
+accelerator's state, memory) changes how a later stage loads its model.
+"""
 
 from __future__ import annotations
 
+import gc
 import os
+from datetime import timedelta
 
 import torch
+
+# How long a collective (a barrier, a broadcast) may wait for the slowest rank. NCCL's default is
+# 10 minutes and a rank that evaluates or saves a 7B model can take longer; one that takes hours is stuck.
+DEFAULT_TIMEOUT_S = 3 * 3600
+
+
+def timeout_seconds() -> int:
+    """The process group's timeout: ``PSR_DIST_TIMEOUT`` (seconds), default 3 hours."""
+    raw = os.environ.get("PSR_DIST_TIMEOUT", "").strip()
+    if not raw:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = int(float(raw))
+    except ValueError:
+        value = 0
+    if value <= 0:
+        from psr.config import ConfigError
+
+        raise ConfigError(f"PSR_DIST_TIMEOUT must be a positive number of seconds, got {raw!r}")
+    return value
 
 
 def context():
@@ -15,9 +43,51 @@ def context():
         from accelerate import PartialState
 
         # Without a GPU accelerate only sets up gloo when asked for the CPU explicitly.
-        state = PartialState(cpu=not use_cuda())
+        state = PartialState(cpu=not use_cuda(), timeout=timedelta(seconds=timeout_seconds()))
         return state.process_index, state.num_processes, state.wait_for_everyone
     return 0, 1, lambda: None
+
+
+def broadcast(value, src: int = 0):
+    """``value`` as rank ``src`` has it, on every rank (any picklable object; alone: ``value`` itself)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def close() -> None:
+    """Leave the process group, if this process is in one (at the end of a command)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def fresh_state() -> None:
+    """Forget what an earlier stage in this process left behind, keeping the process group.
+
+    A training stage under DeepSpeed registers its config globally in transformers (a weak reference
+    that accelerate's state keeps alive): with ZeRO-3 every later ``from_pretrained`` in the process
+    then builds the model sharded (``zero.Init``), and a stage that loads a model for generation gets
+    empty parameters or waits forever for ranks that do not load it. Building a TRL config under a
+    DeepSpeed launcher (a ``trl:`` block is checked that way) registers it too.
+    """
+    try:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    except ImportError:  # transformers without the DeepSpeed integration
+        pass
+    try:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=False)  # the process group stays
+        GradientState._reset_state()
+    except ImportError:
+        pass
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def use_cuda() -> bool:
@@ -27,4 +97,6 @@ def use_cuda() -> bool:
 
 
 def device_for(rank: int) -> str:
-    return f"cuda:{rank % torch.cuda.device_count()}" if use_cuda() else "cpu"
+    """This process's device: its GPU on this machine (``LOCAL_RANK`` under a launcher), or the CPU."""
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    return f"cuda:{local % torch.cuda.device_count()}" if use_cuda() else "cpu"

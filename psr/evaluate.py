@@ -6,13 +6,20 @@ writes a JSON file with the summary and every problem's output.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from psr.answers import extract_answer, is_equivalent
-from psr.config import check_at_least
-from psr.files import write_json_atomic
+from psr.config import ConfigError, check_at_least
+from psr.distributed import broadcast, context, device_for
+from psr.files import path_identity, read_jsonl, write_json_atomic, write_jsonl_atomic
 from psr.generation import cut_after_answer, generate
 from psr.sampling import SamplingConfig
 from psr.steps import render_prompt, split_steps
@@ -40,6 +47,9 @@ class EvalConfig:
     seed: int = 0  # problem selection (arithmetic) and sampling seed
     dtype: str | None = None  # float32, bfloat16, float16 or auto (null: float32 on CPU, bfloat16 on CUDA)
     out: str | None = None  # write the result JSON here
+    # problems per chunk (null: batch_size): each chunk has its own seed and is the unit of sharding across
+    # processes and of resume (chunks wait in <out>.parts/ until merged)
+    chunk_size: int | None = None
 
     def __post_init__(self):
         check_at_least(self, 1, "limit", "batch_size", "max_new_tokens")
@@ -63,29 +73,18 @@ def _majority(answers: list[str | None]) -> str | None:
     return max(groups, key=len)[0] if groups else None
 
 
-def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True) -> dict:
-    """Run the evaluation and return the result dict (also written to ``cfg.out`` when set)."""
-    from psr.models import load_model
-
-    task = make_task(cfg.task)
-    kwargs = {"offset": cfg.offset} if cfg.task.name != "arithmetic" else {}
-    problems = task.problems(cfg.split, cfg.limit, seed=cfg.seed, **kwargs)  # a bad data file fails before the model
-    if model is None:
-        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
+def _eval_chunk(cfg: EvalConfig, model, tokenizer, problems, seed: int) -> list[dict]:
+    """Every problem of one chunk solved and scored: greedy, then (``samples``) k sampled solutions."""
     prompts = [render_prompt(tokenizer, p.question) for p in problems]
-
-    started = time.perf_counter()
     greedy = generate(model, tokenizer, prompts, SamplingConfig(policy="greedy"), cfg.max_new_tokens,
-                      cfg.batch_size, seed=cfg.seed, desc="eval greedy", progress=progress,
+                      cfg.batch_size, seed=seed, progress=False,
                       stop_at_answer=cfg.stop_at_answer)
     sampled = None
     if cfg.samples > 0:
         sampled = generate(model, tokenizer, prompts, cfg.sampling, cfg.max_new_tokens, cfg.batch_size,
-                           num_samples=cfg.samples, seed=cfg.seed, desc=f"eval {cfg.samples} samples",
-                           progress=progress, stop_at_answer=cfg.stop_at_answer)
-    seconds = time.perf_counter() - started
-
-    rows, by_difficulty = [], defaultdict(list)
+                           num_samples=cfg.samples, seed=seed, progress=False,
+                           stop_at_answer=cfg.stop_at_answer)
+    rows = []
     for i, (p, outs) in enumerate(zip(problems, greedy)):
         output = outs[0]
         pred = extract_answer(cut_after_answer(output))
@@ -98,11 +97,78 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
                        sample_correct=[is_equivalent(p.gold, x) for x in preds],
                        maj_pred=maj, maj_correct=is_equivalent(p.gold, maj))
         rows.append(row)
+    return rows
+
+
+def parts_dir(cfg: EvalConfig) -> Path | None:
+    """Where the chunks of an evaluation wait to be merged: ``<out>.parts/<hash of config and model>/``
+    (a changed config or a retrained model never picks up another's chunks); None without ``out``."""
+    if not cfg.out:
+        return None
+    key = {k: v for k, v in asdict(cfg).items() if k != "out"}
+    digest = hashlib.sha256(json.dumps([key, path_identity(cfg.model)], sort_keys=True, default=str).encode())
+    return Path(f"{cfg.out}.parts") / digest.hexdigest()[:16]
+
+
+def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True) -> dict:
+    """Run the evaluation and return the result dict (also written to ``cfg.out`` when set).
+
+    Problems go in chunks of ``chunk_size``, each with its own seed. Under several processes the
+    ranks take chunks round-robin, write each to ``<out>.parts/`` as it is done, and rank 0 merges
+    them: the result equals a one-process run, and a killed evaluation resumes at its first unsaved
+    chunk. Ranks other than 0 return ``{}``."""
+    from psr.models import load_model
+
+    rank, world, barrier = context()
+    task = make_task(cfg.task)
+    kwargs = {"offset": cfg.offset} if cfg.task.name != "arithmetic" else {}
+    problems = task.problems(cfg.split, cfg.limit, seed=cfg.seed, **kwargs)
+    size = cfg.chunk_size or cfg.batch_size
+    if size < 1:
+        raise ConfigError(f"chunk_size must be >= 1 (or null), got {cfg.chunk_size}")
+    chunks = [problems[i : i + size] for i in range(0, len(problems), size)]
+    parts = broadcast(parts_dir(cfg))  # rank 0's: every rank writes where it will look
+    if world > 1 and parts is None:
+        raise ConfigError("evaluation on several processes needs out (the ranks' results meet in files beside it)")
+    if parts is not None:
+        parts.mkdir(parents=True, exist_ok=True)
+    mine = [c for c in range(len(chunks)) if c % world == rank and not (parts and (parts / f"{c:05d}.jsonl").exists())]
+
+    started = time.perf_counter()
+    in_memory = {}
+    if mine:
+        if model is None:
+            model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=device_for(rank))
+        bar = tqdm(total=sum(len(chunks[c]) for c in mine), desc="eval" + (f" (rank {rank})" if world > 1 else ""),
+                   unit="problem", disable=not progress, dynamic_ncols=True)
+        for c in mine:
+            rows = _eval_chunk(cfg, model, tokenizer, chunks[c], seed=cfg.seed * 1_000_003 + c)
+            if parts is not None:
+                write_jsonl_atomic(parts / f"{c:05d}.jsonl", rows)
+            else:
+                in_memory[c] = rows
+            bar.update(len(chunks[c]))
+        bar.close()
+        if parts is not None:
+            timing = {"rank": rank, "seconds": time.perf_counter() - started,
+                      "problems": sum(len(chunks[c]) for c in mine)}
+            write_json_atomic(parts / f"timing.rank{rank}.json", timing)
+    barrier()
+    if rank != 0:
+        barrier()
+        return {}
+    rows = [r for c in range(len(chunks))
+            for r in (in_memory[c] if c in in_memory else read_jsonl(parts / f"{c:05d}.jsonl"))]
+    seconds = time.perf_counter() - started
+    ranks = [json.loads(f.read_text()) for f in sorted(parts.glob("timing.rank*.json"))] if parts else []
+    by_difficulty = defaultdict(list)
+    for p, row in zip(problems, rows):
         by_difficulty[task.difficulty(p) or "all"].append(row)
+    sampled = cfg.samples > 0
 
     def summary(group: list[dict]) -> dict:
         s = {"n": len(group), "accuracy": sum(r["correct"] for r in group) / max(1, len(group))}
-        if sampled is not None:
+        if sampled:
             s[f"maj@{cfg.samples}"] = sum(r["maj_correct"] for r in group) / max(1, len(group))
             s[f"pass@{cfg.samples}"] = sum(any(r["sample_correct"]) for r in group) / max(1, len(group))
             s["sample_accuracy"] = sum(sum(r["sample_correct"]) for r in group) / max(1, cfg.samples * len(group))
@@ -114,12 +180,16 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
         "by_difficulty": {k: summary(v) for k, v in sorted(by_difficulty.items())} if len(by_difficulty) > 1 else {},
         "throughput": {"seconds": round(seconds, 2),
                        "problems_per_minute": round(60 * len(rows) / max(seconds, 1e-9), 2),
-                       "batch_size": cfg.batch_size, "device": str(model.device)},
+                       "batch_size": cfg.batch_size, "processes": world,
+                       "ranks": [{k: round(v, 2) if k == "seconds" else v for k, v in r.items()} for r in ranks],
+                       "device": str(model.device) if model is not None else device_for(rank)},
         "config": asdict(cfg),
         "problems": rows,
     }
     if cfg.out:
         write_json_atomic(cfg.out, result)
+        shutil.rmtree(Path(f"{cfg.out}.parts"), ignore_errors=True)
+    barrier()
     return result
 
 

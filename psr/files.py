@@ -103,3 +103,12 @@ def check_safetensors(path: str | Path) -> None:
             f.keys()
     except Exception as err:  # safetensors raises its own error type (not an OSError) for a damaged header
         raise DataError(f"{path}: damaged safetensors file ({err})") from err
+
+
+def path_identity(name: str | None):
+    """What tells two versions of a local model directory apart: its files' names, sizes and times (a
+    retrained model written to the same path has new ones); a name that is no directory (a hub id) as is."""
+    path = Path(name) if name else None
+    if path is None or not path.is_dir():
+        return name
+    return sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file())

@@ -27,7 +27,7 @@ from typing import Literal
 import yaml
 
 from psr.config import ConfigError, check_at_least, from_dict, to_dict
-from psr.distributed import context
+from psr.distributed import context, fresh_state
 from psr.evaluate import EvalConfig, evaluate
 from psr.files import DataError, check_safetensors, read_json, read_jsonl, write_json_atomic, write_text_atomic
 from psr.judge_eval import JudgeEvalConfig, judge_eval
@@ -149,8 +149,9 @@ def model_of(stage_dir: Path) -> str:
 
 def eval_stage(cfg: RunConfig, model_dir_of, out_dir: Path, rank: int):
     def run():
-        if rank != 0:  # evaluation runs on the main process; the others wait at the barrier
-            return {}
+        # Every rank evaluates its share of each benchmark (and of its test-time search); rank 0 merges
+        # them and judges the held-out pairs (short) while the others wait, then writes eval.json.
+        from psr.distributed import device_for
         from psr.models import load_model
 
         model_name = model_dir_of()
@@ -158,21 +159,28 @@ def eval_stage(cfg: RunConfig, model_dir_of, out_dir: Path, rank: int):
         summary = {"model": model_name, "benchmarks": {}}
         for b in cfg.benchmarks:
             if b.dtype not in loaded:
-                loaded[b.dtype] = load_model(model_name, dtype=b.dtype)
+                loaded[b.dtype] = load_model(model_name, dtype=b.dtype, device=device_for(rank))
             model, tok = loaded[b.dtype]
             r = evaluate(b.eval_config(model_name, cfg.seed, str(out_dir / f"eval_{b.name}.json")), model, tok)
-            entry = {k: v for k, v in r.items() if k not in ("problems", "config")}
-            outputs = [p["output"] for p in r["problems"]]
-            entry["mean_steps"] = sum(p["n_steps"] for p in r["problems"]) / max(1, len(outputs))
-            entry["mean_step_chars"] = sum(len(o) for o in outputs) / max(1, sum(p["n_steps"] for p in r["problems"]))
+            tts = None
             if b.test_time_search:
                 scfg = dataclasses.replace(cfg.search, model=model_name, task=b.task, split=b.split,
                                            limit=b.test_time_limit or b.limit, offset=b.offset, method="psr",
                                            seed=cfg.seed, out=str(out_dir / f"tts_{b.name}"))
-                entry["test_time_search_accuracy"] = run_search(scfg, model, tok)["final_accuracy"]
+                tts = run_search(scfg, model, tok)
+            if rank != 0:
+                continue
+            entry = {k: v for k, v in r.items() if k not in ("problems", "config")}
+            outputs = [p["output"] for p in r["problems"]]
+            entry["mean_steps"] = sum(p["n_steps"] for p in r["problems"]) / max(1, len(outputs))
+            entry["mean_step_chars"] = sum(len(o) for o in outputs) / max(1, sum(p["n_steps"] for p in r["problems"]))
+            if tts is not None:
+                entry["test_time_search_accuracy"] = tts["final_accuracy"]
             summary["benchmarks"][b.name] = entry
+        if rank != 0:
+            return {}
         if cfg.judge_eval_limit:
-            model, tok = loaded.get(None) or load_model(model_name)
+            model, tok = loaded.get(None) or load_model(model_name, device=device_for(rank))
             task = cfg.task if cfg.task.name == "arithmetic" else TaskConfig()
             jcfg = JudgeEvalConfig(model=model_name, task=task, limit=cfg.judge_eval_limit, judge=cfg.search.judge,
                                    seed=cfg.seed, out=str(out_dir / "judge_eval.json"))
@@ -269,7 +277,8 @@ def _flatten(d, prefix=""):
 
 # Settings that change how a stage reports, not what it computes (at any depth), and the run's name:
 # never a config change.
-COSMETIC = {"progress", "report_to", "logging_steps", "logging_dir", "run_name", "log_level", "disable_tqdm"}
+COSMETIC = {"progress", "report_to", "logging_steps", "logging_dir", "run_name", "log_level", "disable_tqdm",
+            "save_steps", "save_total_limit"}  # how often a training stage saves a checkpoint: not what it trains
 
 
 def _cosmetic(key: str) -> bool:
@@ -463,7 +472,31 @@ def read_stored_config(stored: Path) -> dict:
 def iterate(cfg: RunConfig, run_dir: str | Path | None = None, restart_from: str | None = None,
             stop_after: str | None = None, progress: bool = True) -> Path:
     """Run (or resume) every unfinished stage; returns the run folder. A config that differs from
-    the one stored in the run folder is checked by :func:`check_config_change`, then stored."""
+    the one stored in the run folder is checked by :func:`check_config_change`, then stored. The
+    run folder is locked meanwhile (:mod:`psr.runlock`): a second loop on it stops with a message."""
+    from psr.distributed import broadcast
+    from psr.runlock import RunLock, RunLocked
+
+    run_dir = Path(run_dir or Path("runs") / cfg.name)
+    rank = context()[0]
+    lock, refused = None, None
+    if rank == 0:  # one lock per run: rank 0 takes it for every process of this launch
+        try:
+            lock = RunLock(run_dir).acquire()
+        except RunLocked as err:
+            refused = str(err)
+    refused = broadcast(refused)  # every rank stops, not only rank 0 (the others would wait at a barrier)
+    if refused:
+        raise RunLocked(refused)
+    try:
+        return _iterate(cfg, run_dir, restart_from, stop_after, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _iterate(cfg: RunConfig, run_dir: str | Path | None = None, restart_from: str | None = None,
+             stop_after: str | None = None, progress: bool = True) -> Path:
     from rich.console import Console
 
     console = Console(stderr=True)
@@ -497,6 +530,7 @@ def iterate(cfg: RunConfig, run_dir: str | Path | None = None, restart_from: str
             console.rule(f"[bold]stage {n}/{len(stages)}: {stage.id}")
         started = time.perf_counter()
         stage.dir.mkdir(parents=True, exist_ok=True)
+        fresh_state()  # nothing an earlier stage left in this process (DeepSpeed's config) changes this one
         info = stage.run() or {}
         barrier()
         if rank == 0:

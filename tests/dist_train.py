@@ -1,5 +1,6 @@
 """Launched by tests/test_distributed.py under ``accelerate launch``: a few steps of step-DPO (or SFT)
-on tiny-random through the ordinary entry points; every rank then writes a checksum of its weights."""
+on tiny-random through the ordinary entry points; every rank then writes a checksum of its weights.
+``dist_train.py train|init DATA OUT CHECKSUMS [precompute]`` (precompute: precompute_ref_log_probs)."""
 
 import hashlib
 import json
@@ -29,13 +30,14 @@ class Checksum(TrainerCallback):
             "distributed_type": str(args.distributed_state.distributed_type), "steps": state.global_step}))
 
 
-def main(stage: str, data: str, out: str, checksums: str):
+def main(stage: str, data: str, out: str, checksums: str, *options: str):
     common = dict(model="tiny-random", out=out, batch_size=2, max_steps=3, learning_rate=1e-3, progress=False,
                   report_to=[], seed=0)
     if stage == "train":
         from psr.train.step_dpo import StepDPOConfig, run_train
 
-        run_train(StepDPOConfig(pairs=data, beta=0.1, **common), callbacks=[Checksum(checksums)])
+        run_train(StepDPOConfig(pairs=data, beta=0.1, precompute_ref_log_probs="precompute" in options, **common),
+                  callbacks=[Checksum(checksums)])
     else:
         from psr.train.sft import InitConfig, run_init
 
@@ -43,4 +45,4 @@ def main(stage: str, data: str, out: str, checksums: str):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:])

@@ -120,7 +120,7 @@ def test_benchmarks_are_eval_configs_and_keep_sampling(tmp_path, monkeypatch):
 
     assert {f.name for f in dataclasses.fields(EvalConfig)} <= {f.name for f in dataclasses.fields(BenchmarkConfig)}
     loads, evals = [], []
-    monkeypatch.setattr(psr.models, "load_model", lambda name, dtype=None: loads.append(dtype) or (None, None))
+    monkeypatch.setattr(psr.models, "load_model", lambda name, dtype=None, **kw: loads.append(dtype) or (None, None))
     monkeypatch.setattr(psr.rounds, "evaluate", lambda cfg, m, t: evals.append(cfg) or {"problems": []})
     cfg = from_dict(RunConfig, {"seed": 3, "judge_eval_limit": 0, "benchmarks": [
         {"name": "a", "samples": 4, "sampling": {"temperature": 0.3}},

@@ -26,7 +26,7 @@ def _launch(config: str, args: list[str], tmp_path: Path, extra: list[str] = (),
            str(ROOT / "tests" / "dist_train.py"), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    folder = Path(args[3])
+    folder = Path(args[3])  # CHECKSUMS
     return {int(p.stem[4:]): json.loads(p.read_text()) for p in folder.glob("rank*.json")}
 
 
@@ -53,6 +53,15 @@ def test_step_dpo_two_cpu_processes_end_identical(tmp_path, pairs):
     out, sums = tmp_path / "model", tmp_path / "checksums"
     ranks = _launch("multi_cpu.yaml", ["train", str(pairs), str(out), str(sums)], tmp_path)
     assert all(r["backend"] == "gloo" for r in ranks.values())
+    _check(ranks, out, "MULTI_CPU")
+
+
+def test_precomputed_reference_log_probs_under_two_processes(tmp_path, pairs):
+    """TRL caches the precomputed reference log-probs under a name from the dataset's cache file; for a
+    dataset built in memory that is a random per-process name, so rank 1 looked for a file only rank 0 had
+    written (FileNotFoundError). psr puts the tokenised pairs on a file in the stage's folder instead."""
+    out, sums = tmp_path / "model", tmp_path / "checksums"
+    ranks = _launch("multi_cpu.yaml", ["train", str(pairs), str(out), str(sums), "precompute"], tmp_path)
     _check(ranks, out, "MULTI_CPU")
 
 

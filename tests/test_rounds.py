@@ -142,7 +142,7 @@ def test_slurm_scripts_parse_and_build_the_launch_command(tmp_path):
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == (
-        'srun --nodes=2 --ntasks-per-node=1 bash -c "accelerate launch '
+        'srun --nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c "accelerate launch '
         "--config_file accelerate_configs/deepspeed_zero3.yaml "
         "--num_machines 2 --num_processes 16 --machine_rank $SLURM_NODEID --main_process_ip gpu-node-01 "
         f'--main_process_port 29500 --rdzv_backend c10d recipes/iterate.py --config {qwen} "')

@@ -3,13 +3,15 @@ TensorBoard + JSON training log, and the atomic save of the final model.
 
 A trained model is written to ``<out>/../.<name>.partial`` and renamed to ``<out>`` only when it is
 complete (weights, tokenizer, ``train_log.json``), so a killed run never leaves a half-written
-model directory. Every rank takes part in saving (DeepSpeed ZeRO-3 gathers the weights); only the
-main process writes files.
+model directory. The stage's checkpoints (``save_steps``) go there too; a killed stage started again
+resumes from the last one if it was the same training (:func:`resume_point`). Every rank takes part
+in saving (DeepSpeed ZeRO-3 gathers the weights); only the main process writes files.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import json
 import os
@@ -25,7 +27,8 @@ import torch
 from transformers import TrainerCallback
 
 from psr.config import ConfigError, check_value
-from psr.files import write_json_atomic
+from psr.distributed import timeout_seconds
+from psr.files import path_identity, write_json_atomic
 
 # TRL's name -> psr's field, for the settings psr has a field for (some under a shorter, older name).
 # In a ``trl:`` block the TRL name sets psr's field, so each setting has one value.
@@ -34,7 +37,7 @@ PSR_FIELD_OF = {"num_train_epochs": "epochs", "per_device_train_batch_size": "ba
                 **{name: name for name in (
                     "learning_rate", "max_steps", "gradient_accumulation_steps", "max_length", "lr_scheduler_type",
                     "weight_decay", "max_grad_norm", "gradient_checkpointing", "seed", "logging_steps", "report_to",
-                    "beta", "precompute_ref_log_probs", "loss_type")}}
+                    "beta", "precompute_ref_log_probs", "loss_type", "save_steps", "save_total_limit")}}
 # TrainingArguments fields psr decides itself; the message says which psr field sets them.
 PSR_OWNED = {"output_dir": "out (the model directory this stage writes)", "loss_weights": "sft_weight"}
 
@@ -75,8 +78,13 @@ class TrainSettings:
     logging_dir: str | None = None  # TensorBoard; default <out's folder>/tensorboard/<out's name>
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard (psr's own dir), wandb, ...
     progress: bool = True  # the progress bar
+    # Checkpoints inside the stage, every this many optimizer steps (0: none), into <out's folder>/.<out's
+    # name>.partial/checkpoint-N; a killed stage started again resumes from the last one when its config,
+    # data, starting model and number of processes are the same (else it starts over)
+    save_steps: int = 50
+    save_total_limit: int = 1  # checkpoints kept (each holds the optimizer state: ~3x the weights for AdamW)
     # Any other field of TRL's trainer config (SFTConfig for init, DPOConfig for train) by TRL's name,
-    # e.g. {optim: adafactor, save_strategy: steps, save_steps: 50, run_name: r1, fp16: true}. Checked
+    # e.g. {optim: adafactor, run_name: r1, fp16: true}. Checked
     # against TRL's class; a TRL name for a field above (num_train_epochs, learning_rate, ...) sets that field.
     trl: dict = field(default_factory=dict)
 
@@ -93,6 +101,8 @@ class TrainSettings:
             raise ValueError("save_adapter: true needs lora: true")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.save_steps < 0 or self.save_total_limit < 1:
+            raise ValueError("save_steps must be >= 0 (0: no checkpoints) and save_total_limit >= 1")
         if self.max_length is not None and self.max_length < 8:
             raise ValueError(f"max_length must be >= 8 (or null), got {self.max_length}")
         if self.trl:
@@ -172,7 +182,10 @@ def trainer_kwargs(cfg: TrainSettings) -> dict:
         seed=cfg.seed,
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
-        save_strategy="no",
+        save_strategy="steps" if cfg.save_steps > 0 else "no",
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=cfg.save_total_limit,
+        ddp_timeout=timeout_seconds(),  # the process group's timeout, when the trainer is the one to set it up
         report_to=[r for r in cfg.report_to if r != "tensorboard"] or "none",  # TensorBoard: our callback, own dir
         disable_tqdm=not cfg.progress,
         # autocast on CUDA; on a CPU bf16 learns much more slowly (docs/design.md §3)
@@ -306,10 +319,12 @@ def save_final(trainer, cfg: TrainSettings, tokenizer, log: dict,
         if main:
             tokenizer.save_pretrained(str(tmp))
     if main:
-        for junk in ("training_args.bin",):
+        # TRL writes a model card (naming ".<out>.partial") into the folder with every checkpoint: not ours
+        for junk in ("training_args.bin", RESUME_FILE, "README.md"):
             (tmp / junk).unlink(missing_ok=True)
-        for checkpoint in tmp.glob("checkpoint-*"):  # trl: {save_strategy: steps}: not part of the model
+        for checkpoint in tmp.glob("checkpoint-*"):  # the stage's own checkpoints: not part of the model
             shutil.rmtree(checkpoint)
+        shutil.rmtree(tmp / SHARED_DATA_DIR, ignore_errors=True)
         for name, rows in (extra_files or {}).items():
             (tmp / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         write_json_atomic(tmp / "train_log.json", log)
@@ -325,25 +340,92 @@ def save_final(trainer, cfg: TrainSettings, tokenizer, log: dict,
     return out
 
 
+class NoFinalCheckpoint(TrainerCallback):
+    """With ``save_strategy: steps`` the Trainer also saves a checkpoint (optimizer state included) after
+    the last step; :func:`save_final` saves the model right after and deletes it, so skip it."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_save = False
+
+
 def stage_callbacks(cfg: TrainSettings, callbacks: list | None = None) -> tuple[StepTimer, list]:
-    """The step timer, TensorBoard (when configured) and the caller's callbacks."""
+    """The step timer, no checkpoint after the last step, TensorBoard (when configured) and the caller's callbacks."""
     timer = StepTimer()
-    return timer, [timer, *tensorboard_callbacks(cfg), *(callbacks or [])]
+    return timer, [timer, NoFinalCheckpoint(), *tensorboard_callbacks(cfg), *(callbacks or [])]
 
 
 def train_and_save(cfg: TrainSettings, trainer, extra: dict | None = None, extra_files: dict | None = None) -> dict:
-    """Train, then save the model atomically with its ``train_log.json``; returns the log."""
-    trainer.train(resume_from_checkpoint=cfg.trl.get("resume_from_checkpoint"))
+    """Train (from the checkpoint :func:`resume_point` found, if any), then save the model atomically
+    with its ``train_log.json``; returns the log."""
+    trainer.train(resume_from_checkpoint=getattr(trainer, "psr_resume", None) or cfg.trl.get("resume_from_checkpoint"))
     result = train_log(cfg, trainer, trainer.psr_timer, extra)
     save_final(trainer, cfg, trainer.processing_class, result, extra_files)
     return result
 
 
 def prepare_output(cfg: TrainSettings) -> None:
-    """Remove a stale partial directory left by a killed run (main process only), unless the run
-    resumes from a checkpoint (``trl: {save_strategy: steps, resume_from_checkpoint: <out's folder>/
-    .<out's name>.partial/checkpoint-N}``): checkpoints are written there."""
+    """Make the output's folder (main process only). What a killed run left in the partial directory
+    is kept or removed by :func:`resume_point`, once the training data are known."""
     if int(os.environ.get("RANK", "0")) == 0:
-        if not cfg.trl.get("resume_from_checkpoint"):
-            shutil.rmtree(partial_dir(cfg.out), ignore_errors=True)
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+
+
+# ---- resuming a killed training stage ---------------------------------------------------------
+RESUME_FILE = "psr_resume.json"  # in the partial directory: what its checkpoints were trained on
+SHARED_DATA_DIR = "psr_data"  # in the partial directory: datasets every rank reads (see step_dpo)
+# Settings that change how a stage reports or how often it saves, not what it trains: a run killed
+# and started again with another value still resumes.
+NOT_IN_FINGERPRINT = {"progress", "report_to", "logging_steps", "logging_dir", "save_steps", "save_total_limit"}
+TRL_NOT_IN_FINGERPRINT = ("save_", "logging_", "resume_from_checkpoint", "run_name", "report_to", "disable_tqdm",
+                          "ddp_timeout", "dataloader_num_workers", "push_to_hub", "hub_")
+
+
+def training_fingerprint(cfg: TrainSettings, rows: list[dict]) -> str:
+    """What a checkpoint must have been trained on to be resumed: the config (reporting left out), the
+    training rows, the starting (and reference) model's files and the number of processes."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_FINGERPRINT}
+    settings["trl"] = {k: v for k, v in cfg.trl.items() if not k.startswith(TRL_NOT_IN_FINGERPRINT)}
+    models = [path_identity(cfg.model), path_identity(getattr(cfg, "ref_model", None))]
+    h = hashlib.sha256(json.dumps([settings, models, world_size()], sort_keys=True, default=str).encode())
+    for row in rows:
+        h.update(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode())
+    return h.hexdigest()
+
+
+def _complete_checkpoints(folder: Path) -> list[Path]:
+    """``checkpoint-N`` folders whose trainer state was written (the Trainer writes it last), oldest first."""
+    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted((p for p in found if (p / "trainer_state.json").exists()), key=lambda p: int(p.name.split("-")[-1]))
+
+
+def resume_point(cfg: TrainSettings, rows: list[dict]) -> str | None:
+    """The last complete checkpoint of an earlier, killed attempt at this same training (same
+    :func:`training_fingerprint`), or None. Whatever else the partial directory holds (another
+    training's checkpoints, a half-written checkpoint) is removed. Rank 0 decides; every rank gets its
+    answer. ``trl.resume_from_checkpoint`` set by hand wins (and nothing is removed)."""
+    from psr.distributed import broadcast, context
+
+    if cfg.trl.get("resume_from_checkpoint"):
+        return cfg.trl["resume_from_checkpoint"]
+    rank, _, barrier = context()
+    checkpoint = None
+    if rank == 0:
+        partial = partial_dir(cfg.out)
+        fingerprint = training_fingerprint(cfg, rows)
+        try:
+            stored = json.loads((partial / RESUME_FILE).read_text()).get("fingerprint")
+        except (OSError, ValueError):
+            stored = None
+        if stored == fingerprint:
+            complete = _complete_checkpoints(partial)
+            for p in partial.glob("checkpoint-*"):
+                if p not in complete[-1:]:
+                    shutil.rmtree(p, ignore_errors=True)  # half-written, or older than the last complete one
+            checkpoint = str(complete[-1]) if complete else None
+        else:
+            shutil.rmtree(partial, ignore_errors=True)  # another training's leftovers (or none)
+            write_json_atomic(partial / RESUME_FILE, {"fingerprint": fingerprint, "out": str(cfg.out)})
+    checkpoint = broadcast(checkpoint)
+    barrier()
+    return checkpoint

@@ -41,6 +41,7 @@ from psr.train.common import (
     load_for_training,
     lora_config,
     prepare_output,
+    resume_point,
     stage_callbacks,
     train_and_save,
 )
@@ -285,10 +286,11 @@ def build_trainer(cfg: InitConfig, callbacks: list | None = None):
     if not ift and not eft:
         raise DataError("no training data: ift_examples and eft_examples are both 0")
     rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in order_rows(cfg, ift, eft)]
+    resume = resume_point(cfg, rows)  # before the trainer: it may clear the partial directory
     timer, callbacks = stage_callbacks(cfg, callbacks)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                          peft_config=lora_config(cfg), callbacks=callbacks)
-    trainer.psr_timer, trainer.psr_data = timer, {"ift": ift, "eft": eft}
+    trainer.psr_timer, trainer.psr_data, trainer.psr_resume = timer, {"ift": ift, "eft": eft}, resume
     return trainer
 
 

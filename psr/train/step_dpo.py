@@ -15,21 +15,28 @@ model family).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
+from trl import __version__ as trl_version
 
 from psr.files import DataError, iter_jsonl
 from psr.train.common import (
+    SHARED_DATA_DIR,
     TrainSettings,
     build_trainer_arguments,
     load_for_training,
     lora_config,
     prepare_output,
+    resume_point,
     stage_callbacks,
     train_and_save,
 )
@@ -37,6 +44,8 @@ from psr.train.common import (
 log = logging.getLogger(__name__)
 
 REQUIRED = ("prompt", "chosen", "rejected")
+# The TRL releases StepDPOTrainer was tested with (it overrides a private DPOTrainer method); pyproject pins them.
+TESTED_TRL = "trl>=1.16,<1.17"
 
 
 @dataclass
@@ -136,11 +145,40 @@ class StepDPOTrainer(DPOTrainer):
         self.psr_max_prompt_length = max_prompt_length  # read by _prepare_dataset, which __init__ calls
         self.psr_dropped = 0
         self.psr_truncated = 0
+        self.psr_ends_in_eos = {}  # dataset name -> per kept row: does it end in EOS on purpose (whole solutions)
         super().__init__(*args, **kwargs)
+        self._check_no_eos_after_steps()
+
+    def _check_no_eos_after_steps(self):
+        """The tokenised training rows as TRL will train on them: a step must not end in EOS. This
+        trainer relies on a private TRL method (``_prepare_dataset``); a TRL release that renamed it
+        would silently bring EOS back after every step, so a clear error instead."""
+        if "train" not in self.psr_ends_in_eos:
+            raise RuntimeError(
+                f"TRL {trl_version} did not tokenise the pairs through StepDPOTrainer._prepare_dataset (psr "
+                f"overrides that private DPOTrainer method to keep EOS off the end of a step); install the TRL "
+                f"psr was tested with: pip install '{TESTED_TRL}'")
+        eos = getattr(self._tokenizer, "eos_token_id", None)
+        if eos is None:
+            return
+        flags = self.psr_ends_in_eos["train"]
+        data = self.train_dataset
+        chosen, rejected = data["chosen_ids"], data["rejected_ids"]
+        if len(flags) != len(chosen):
+            raise RuntimeError(f"TRL {trl_version} changed the training rows after tokenisation ({len(flags)} "
+                               f"tokenised, {len(chosen)} kept); install {TESTED_TRL!r}")
+        bad = [i for i, (c, r, with_eos) in enumerate(zip(chosen, rejected, flags))
+               if not with_eos and (list(c[-1:]) == [eos] or list(r[-1:]) == [eos])]
+        if bad:
+            raise DataError(
+                f"{len(bad)} of {len(flags)} step pairs end in EOS after tokenisation (the first: training row "
+                f"{bad[0]}); a step must not end the answer. A step's text that holds the EOS token "
+                f"{self._tokenizer.eos_token!r} ends in it; if none does, TRL {trl_version} tokenises differently "
+                f"from the TRL psr was tested with ({TESTED_TRL})")
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         tok = self._tokenizer
-        rows, merged, too_long, cut, longest = [], 0, 0, 0, 0
+        rows, merged, too_long, cut, longest, ends_in_eos = [], 0, 0, 0, 0, []
         for row in dataset:
             t = tokenize_pair(tok, row["prompt"], row["chosen"], row["rejected"], eos=row.get("kind") == "solution")
             merged += t.pop("merged")
@@ -153,6 +191,7 @@ class StepDPOTrainer(DPOTrainer):
                 cut += 1  # TRL keeps the first max_length tokens: the step's end is cut off
                 longest = max(longest, length)
             rows.append(t)
+            ends_in_eos.append(row.get("kind") == "solution")
         if merged:
             log.warning("%d of %d %s pairs: the prompt's last token merges with the step's first; end the prompt "
                         "on a token boundary (a newline before 'Step n:')", merged, len(dataset), dataset_name)
@@ -166,7 +205,35 @@ class StepDPOTrainer(DPOTrainer):
             raise DataError(f"no {dataset_name} pairs left after dropping prompts longer than the max length")
         self.psr_dropped += too_long
         self.psr_truncated += cut
+        self.psr_ends_in_eos[dataset_name] = ends_in_eos
+        if args.precompute_ref_log_probs:
+            return on_shared_file(rows, Path(args.output_dir) / SHARED_DATA_DIR / dataset_name)
         return Dataset.from_list(rows)
+
+
+def on_shared_file(rows: list[dict], folder: Path) -> Dataset:
+    """``rows`` as a dataset backed by a file in ``folder`` that every rank reads (written once, by rank 0).
+
+    With ``precompute_ref_log_probs`` TRL caches the reference log-probs in a file named by
+    ``dataset._get_cache_file_path``: beside the dataset's own file, or, for a dataset built in memory,
+    under a random name in a temporary folder of each process, so under several processes every rank
+    but 0 looks for a file that rank 0 never wrote (FileNotFoundError). A dataset on a file in the run
+    folder (which every node sees) gives one shared cache path; an earlier attempt's cache of the same
+    rows and model is reused."""
+    from datasets import load_from_disk
+
+    from psr.distributed import context
+
+    rank, _, barrier = context()
+    digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
+    path = folder / digest
+    if rank == 0 and not (path / "state.json").exists():
+        tmp = folder / f".{digest}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        Dataset.from_list(rows).save_to_disk(str(tmp))
+        os.replace(tmp, path)
+    barrier()
+    return load_from_disk(str(path))
 
 
 def oracle_pairs(tokenizer, n: int, seed: int = 0, split: str = "train", task=None) -> list[dict]:
@@ -216,13 +283,15 @@ def build_trainer(cfg: StepDPOConfig, callbacks: list | None = None, trainer_cla
         ref.eval()
     # With LoRA the reference is the starting model with the adapter disabled (no copy); with
     # precompute_ref_log_probs the starting model scores the pairs once before training.
-    data = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
-                               "kind": r.get("kind", "step")} for r in rows])
+    data = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"], "kind": r.get("kind", "step")}
+            for r in rows]
+    resume = resume_point(cfg, data)  # before the trainer: it may clear the partial directory
+    data = Dataset.from_list(data)
     timer, callbacks = stage_callbacks(cfg, callbacks)
     extra = {"max_prompt_length": cfg.max_prompt_length} if issubclass(trainer_class, StepDPOTrainer) else {}
     trainer = trainer_class(model=model, ref_model=ref, args=args, train_dataset=data, processing_class=tok,
                             peft_config=lora_config(cfg), callbacks=callbacks, **extra)
-    trainer.psr_timer = timer
+    trainer.psr_timer, trainer.psr_resume = timer, resume
     trainer.psr_n_pairs = len(rows) + identical  # in the file
     trainer.psr_identical = identical
     return trainer
