@@ -102,7 +102,8 @@ def test_a_dataset_too_small_for_the_rounds_is_refused_up_front(tmp_path):
     cfg = load_config(RunConfig, TINY, {"task": {"name": "gsm8k", "data": str(data)}, "problems_per_round": 4})
     with pytest.raises(DataError, match=r"five.jsonl has 5 problems, but problems_per_round 4 x rounds 2 needs 8"):
         iterate(cfg, tmp_path / "run", progress=False)
-    assert not (tmp_path / "run").exists()
+    # nothing ran (the run lock may have made the folder)
+    assert not (tmp_path / "run" / "config.yaml").exists() and not list((tmp_path / "run").rglob("*.done"))
 
 
 # ---- model directories -----------------------------------------------------------------------------
