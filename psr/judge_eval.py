@@ -70,6 +70,7 @@ def judge_eval(cfg: JudgeEvalConfig, model=None, tokenizer=None) -> dict:
     by_kind = defaultdict(list)
     a_share, per_order, agree = [], [], []
     by_agg = {"agree": [], "sum": []}
+    decided = []  # pairs where the aggregated verdict clears the tie rule (what the search can act on)
     for r, c in zip(pairs, comps):
         first, second = c.order_scores["0,1"], c.order_scores["1,0"]  # right step shown as A, then as B
         if cfg.judge.mode == "logits":
@@ -78,6 +79,11 @@ def judge_eval(cfg: JudgeEvalConfig, model=None, tokenizer=None) -> dict:
             says_a = [None if v is None else v == "A" for v in (first, second)]
         right = [says_a[0] is True, says_a[1] is False]
         correct = c.wins[0][1] == 1
+        if cfg.judge.mode == "logits" and cfg.judge.aggregation == "sum":
+            # the summed direction: judge.tie_margin decides whether the search may act on a verdict, not
+            # which way it points (with the margin, a judge at chance would score 0 here, not 0.5)
+            correct = first > second
+        decided.append(bool(c.wins[0][1] or c.wins[1][0]))
         # both aggregations, whatever the config: "agree" needs both orders right; "sum" (logits) compares
         # P(right) summed over the orders, (generate) counts the orders that chose the right step
         by_agg["agree"].append(right[0] and right[1])
@@ -95,6 +101,7 @@ def judge_eval(cfg: JudgeEvalConfig, model=None, tokenizer=None) -> dict:
         "accuracy_by_aggregation": {k: sum(v) / n for k, v in by_agg.items()},
         "per_order_accuracy": sum(per_order) / max(1, len(per_order)),
         "order_agreement": sum(agree) / n,
+        "decided": sum(decided) / n,
         "position_bias_share_A": sum(a_share) / max(1, len(a_share)),
         "unparseable": sum(c.unparseable for c in comps),
         "by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
