@@ -62,7 +62,8 @@ def measure(name: str, args, gsm_file: str | None) -> dict:
     t = time.perf_counter()
     steps = own_candidates(model, tok, task, task.problems("test", args.problems, seed=args.seed), width=args.width,
                            seed=args.seed, progress=False)
-    out["own"] = score_own(StepJudge(model, tok, JudgeConfig(aggregation="sum")), steps)
+    # the search's tie rule (margin 0.1) and the judge's bare lean (margin 0), from the same calls
+    out["own"] = score_own(StepJudge(model, tok, JudgeConfig(aggregation="sum")), steps, margins=(0.0,))
     out["own"]["seconds"] = round(time.perf_counter() - t, 1)
     judge = JudgeConfig(aggregation="sum")
     builtin = judge_eval(JudgeEvalConfig(model=name, task=TaskConfig(name="arithmetic", min_steps=2, max_steps=4,
@@ -84,16 +85,21 @@ def _pairs_summary(r: dict) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| model | own steps: kept right (95% CI) | random | gain z | mixed n | built-in pairs (95% CI) | "
-             "GSM8K real-text pairs (95% CI) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| model | own steps: kept right (95% CI) | ties | kept right, margin 0 (95% CI) | random | gain z "
+             "(margin 0) | mixed n | built-in pairs (95% CI) | GSM8K real-text pairs (95% CI) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         o, b, g = r["own"], r["builtin"], r.get("gsm8k")
         own = f"{o['kept_right']:.2f} ({o['kept_right_interval'][0]:.2f}–{o['kept_right_interval'][1]:.2f})" \
             if o["mixed_steps"] else "—"
+        z = o.get("by_margin", {}).get("0.0")
+        own0 = f"{z['kept_right']:.2f} ({z['kept_right_interval'][0]:.2f}–{z['kept_right_interval'][1]:.2f})" \
+            if z and o["mixed_steps"] else "—"
         real = f"{g['accuracy_sum']:.2f} ({g['interval'][0]:.2f}–{g['interval'][1]:.2f})" if g else "—"
-        lines.append(f"| {r['model']} | {own} | {o['random_right'] if o['mixed_steps'] else '—'} | {o['gain_z']} | "
-                     f"{o['mixed_steps']} | {b['accuracy_sum']:.2f} ({b['interval'][0]:.2f}–{b['interval'][1]:.2f}) | "
-                     f"{real} |")
+        rnd = o["random_right"] if o["mixed_steps"] else "—"
+        lines.append(f"| {r['model']} | {own} | {o['ties']} | {own0} | {rnd} | {z['gain_z'] if z else '—'} "
+                     f"| {o['mixed_steps']} | "
+                     f"{b['accuracy_sum']:.2f} ({b['interval'][0]:.2f}–{b['interval'][1]:.2f}) | {real} |")
     return "\n".join(lines)
 
 

@@ -51,20 +51,44 @@ def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return (round(centre - half, 4), round(centre + half, 4))
 
 
-def score_own(judge, steps: list[dict]) -> dict:
+def summed_scores(comp, n: int, margin: float) -> list[int]:
+    """Wins per candidate from a logits-mode comparison's P(A) values under another tie margin: the same
+    judge calls, re-read (margin 0 shows which way the judge leans where the default margin ties)."""
+    wins = [0] * n
+    for i in range(n):
+        for j in range(i + 1, n):
+            strength = comp.order_scores[f"{i},{j}"] + (1.0 - comp.order_scores[f"{j},{i}"]) - 1.0
+            if strength > margin:
+                wins[i] += 1
+            elif strength < -margin:
+                wins[j] += 1
+    return wins
+
+
+def score_own(judge, steps: list[dict], margins: tuple[float, ...] = ()) -> dict:
     """Kept-right share of ``judge`` (an object with ``compare``) at the mixed steps, vs a random pick.
-    A step whose scores are all equal (the search would roll back) counts as not kept right."""
+    A step whose scores are all equal (the search would roll back) counts as not kept right.
+    ``margins``: also report the same calls re-read under these tie margins (logits mode only)."""
     mixed = mixed_steps(steps)
     comps = judge.compare([(s["question"], s["previous_steps"], s["candidates"]) for s in mixed]) if mixed else []
+    out = _kept_right(mixed, [c.scores for c in comps], len(steps))
+    if margins:
+        out["by_margin"] = {str(m): _kept_right(mixed, [summed_scores(c, len(s["candidates"]), m)
+                                                        for s, c in zip(mixed, comps)], len(steps))
+                            for m in margins}
+    return out
+
+
+def _kept_right(mixed: list[dict], scores: list[list[int]], n_steps: int) -> dict:
     kept, ties, diffs = 0, 0, []
-    for s, comp in zip(mixed, comps):
+    for s, sc in zip(mixed, scores):
         right = [c is True for c in s["candidate_correct"]]
         random_share = sum(right) / len(right)
-        if max(comp.scores) == min(comp.scores):
+        if max(sc) == min(sc):
             ties += 1
             hit = 0
         else:
-            hit = int(right[max(range(len(right)), key=lambda i: (comp.scores[i], -i))])
+            hit = int(right[max(range(len(right)), key=lambda i: (sc[i], -i))])
         kept += hit
         diffs.append(hit - random_share)
     n = len(mixed)
@@ -72,7 +96,7 @@ def score_own(judge, steps: list[dict]) -> dict:
     mean = sum(diffs) / n if n else 0.0
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else 0.0
     return {
-        "steps": len(steps), "mixed_steps": n,
+        "steps": n_steps, "mixed_steps": n,
         "kept_right": round(kept / n, 4) if n else None, "kept_right_interval": wilson(kept, n),
         "random_right": round(random_right / n, 4) if n else None,
         # paired per step: kept (0/1) minus the random pick's chance; z >= 2 means better than random

@@ -162,6 +162,29 @@ def test_judge_on_its_own_candidates_against_a_random_pick(tiny):
     assert wilson(5, 10) == (0.2366, 0.7634)
 
 
+def test_own_candidates_re_read_under_another_tie_margin():
+    """The same P(A) values, re-read: a weak lean towards the right candidate ties at margin 0.1 (the search
+    rolls back) and picks it at margin 0; a lean under the margin never flips the direction."""
+    from psr.judge import Comparison
+    from psr.judge_own import score_own, summed_scores
+
+    # candidate 0 right, 1 wrong: P(0 better) 0.55 when shown first, 0.52 when shown second -> strength 0.07
+    comp = Comparison({"0,1": 0.55, "1,0": 0.48}, [[0, 0], [0, 0]], [0, 0], 0)
+    assert summed_scores(comp, 2, 0.1) == [0, 0] and summed_scores(comp, 2, 0.0) == [1, 0]
+    assert summed_scores(comp, 2, 0.05) == [1, 0]
+
+    class Fixed:
+        def compare(self, items):
+            return [comp for _ in items]
+
+    steps = [{"question": "q", "previous_steps": [], "candidates": ["Step 1: a", "Step 1: b"],
+              "candidate_correct": [True, False]}] * 3
+    summary = score_own(Fixed(), steps, margins=(0.1, 0.0))
+    assert summary["kept_right"] == 0.0 and summary["ties"] == 1.0
+    assert summary["by_margin"]["0.1"]["ties"] == 1.0
+    assert summary["by_margin"]["0.0"]["kept_right"] == 1.0 and summary["by_margin"]["0.0"]["ties"] == 0.0
+
+
 def test_eft_rows_are_written_in_the_prompt_the_judge_is_asked_with(tiny):
     """A custom judge.template must reach the EFT rows too, or the judge is trained on another prompt."""
     from psr.train.sft import generate_eft
