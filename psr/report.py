@@ -203,6 +203,46 @@ def summary_rows(data: dict) -> list[list[str]]:
     return rows
 
 
+def paired_difference(base: dict, other: dict) -> dict | None:
+    """``other``'s accuracy minus ``base``'s on the problems both solved-or-not, paired by problem id
+    (same held-out problems for every model): the difference, its 95% interval and z."""
+    ids = sorted(set(base) & set(other))
+    if not ids:
+        return None
+    d = [int(other[i]) - int(base[i]) for i in ids]
+    n, mean = len(d), sum(d) / len(d)
+    sd = (sum((x - mean) ** 2 for x in d) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    se = sd / n ** 0.5
+    return {"n": n, "difference": mean, "interval": (mean - 1.96 * se, mean + 1.96 * se),
+            "z": mean / se if se else None}
+
+
+def _correct_by_id(d: Path, bench: str) -> dict:
+    rows = (_load(d / f"eval_{bench}.json") or {}).get("problems") or []
+    return {r["id"]: bool(r["correct"]) for r in rows}
+
+
+def difference_rows(run_dir: Path, data: dict) -> list[list[str]]:
+    """Every model against M1 (and M1 against M0), per benchmark: is the change more than noise?"""
+    rows = [["model", "benchmark", "n", "accuracy", "vs M1", "95% interval", "z"]]
+    chain = [("M1", "init")] + [(f"M{c['round'] + 1} {m.upper()}", f"{m}/round_{c['round']}")
+                                 for m, cs in data["methods"].items() for c in cs]
+    for bench in _benchmarks(data):
+        m1 = _correct_by_id(run_dir / "init", bench)
+        for label, sub in chain:
+            mine = _correct_by_id(run_dir / sub, bench)
+            base, vs = (_correct_by_id(run_dir / "m0", bench), "M0") if label == "M1" else (m1, "M1")
+            diff = paired_difference(base, mine)
+            if diff is None:
+                continue
+            lo, hi = diff["interval"]
+            acc = sum(mine.values()) / len(mine)
+            z = "—" if diff["z"] is None else f"{diff['z']:.2f}"
+            rows.append([label, bench, str(diff["n"]), f"{acc:.3f}", f"{diff['difference']:+.3f} (vs {vs})",
+                         f"{lo:+.3f} to {hi:+.3f}", z])
+    return rows
+
+
 def _share(x) -> str:
     return "—" if x is None else f"{x:.0%}"
 
@@ -213,10 +253,18 @@ def markdown_table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def summary_table(run_dir: str | Path) -> str:
-    rows = summary_rows(collect(run_dir))
+def _plain(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def summary_table(run_dir: str | Path) -> str:
+    """The report's key lines as plain text (printed at the end of a run)."""
+    data = collect(run_dir)
+    text = _plain(summary_rows(data))
+    diffs = difference_rows(Path(run_dir), data)
+    return text + ("\n\nagainst M1, paired by problem (|z| >= 2: more than noise):\n" + _plain(diffs)
+                   if len(diffs) > 1 else "")
 
 
 def stage_times(run_dir: str | Path) -> list[tuple[str, float]]:
@@ -235,6 +283,11 @@ def write_report(run_dir: str | Path) -> Path:
              "step pairs (both orders); pairs' correctness uses the task's step truth, which never feeds PSR's or "
              "SRLM's pairs (the ORACLE arm, when run, is judged by it: what a perfect judge would give).", "",
              markdown_table(summary_rows(data)), ""]
+    diffs = difference_rows(run_dir, data)
+    if len(diffs) > 1:
+        lines += ["Each model against M1 (M1 against M0) on the same held-out problems, paired by problem: the "
+                  "difference in accuracy, its 95% interval and z (|z| >= 2: more than noise).", "",
+                  markdown_table(diffs), ""]
     for method, chain in data["methods"].items():
         for c in chain:
             if c["pairs"]:
