@@ -5,7 +5,9 @@
    random pick (with the 95% interval and the paired z against random);
 2. **held-out built-in pairs**: the arithmetic task's test split, reference step vs a corruption (judge-eval);
 3. **real-text GSM8K pairs**: rows never trained on, a reference step vs the same step with its result
-   changed (the number after the last ``=``).
+   changed (the number after the last ``=``);
+4. optionally (``--fit EFT.jsonl``) **the pairs it was trained on**: a judge at chance there did not even
+   fit its data (too few steps/examples), one that fits them but not 1-3 does not generalise.
 
     python benchmarks/judge_quality.py --models smollm2-135m runs/a/init/model runs/b/init/model \
         --gsm8k ../shared/data/gsm8k/train.jsonl --out results/judge_quality/m1.json
@@ -55,6 +57,16 @@ def gsm8k_result_pairs(path: str, n: int, offset: int, seed: int = 0) -> list[di
     return pairs
 
 
+def eft_training_pairs(path: str, out: str, n: int) -> str:
+    """The (right, wrong) pairs of an EFT file (rows with verdict A: step_a is the right one; the other
+    order of each pair is its B row), as judge-eval's labelled pairs."""
+    pairs = [{"question": r["question"], "previous_steps": r["previous_steps"], "chosen": r["step_a"],
+              "rejected": r["step_b"], "kind": r.get("corruption") or r.get("source") or "eft"}
+             for _, r in read_rows(path) if r.get("verdict") == "A"][:n]
+    write_text_atomic(out, "".join(json.dumps(p) + "\n" for p in pairs))
+    return out
+
+
 def measure(name: str, args, gsm_file: str | None) -> dict:
     model, tok = load_model(name)
     task = ArithmeticTask(min_steps=2, max_steps=4, max_operand=20)  # the experiment's task
@@ -73,6 +85,10 @@ def measure(name: str, args, gsm_file: str | None) -> dict:
     if gsm_file:
         real = judge_eval(JudgeEvalConfig(model=name, pairs_file=gsm_file, limit=args.pairs, judge=judge), model, tok)
         out["gsm8k"] = _pairs_summary(real)
+    for fit in args.fit or []:
+        pairs = eft_training_pairs(fit, str(Path(args.out).with_suffix(f".fit{args.fit.index(fit)}.jsonl")), args.pairs)
+        r = judge_eval(JudgeEvalConfig(model=name, pairs_file=pairs, limit=args.pairs, judge=judge), model, tok)
+        out.setdefault("fit", {})[fit] = _pairs_summary(r)
     print(json.dumps(out))
     return out
 
@@ -100,6 +116,11 @@ def table(results: list[dict]) -> str:
         lines.append(f"| {r['model']} | {own} | {o['ties']} | {own0} | {rnd} | {z['gain_z'] if z else '—'} "
                      f"| {o['mixed_steps']} | "
                      f"{b['accuracy_sum']:.2f} ({b['interval'][0]:.2f}–{b['interval'][1]:.2f}) | {real} |")
+    fits = [(r["model"], f, v) for r in results for f, v in (r.get("fit") or {}).items()]
+    if fits:
+        lines += ["", "| model | its training pairs (EFT file) | n | summed accuracy (95% CI) |", "|---|---|---|---|"]
+        lines += [f"| {m} | {f} | {v['n']} | {v['accuracy_sum']:.2f} ({v['interval'][0]:.2f}–{v['interval'][1]:.2f}) |"
+                  for m, f, v in fits]
     return "\n".join(lines)
 
 
@@ -111,6 +132,7 @@ def main():
     ap.add_argument("--pairs", type=int, default=200, help="built-in and GSM8K pairs")
     ap.add_argument("--gsm8k", help="GSM8K JSONL for real-text pairs (rows from --gsm8k-offset on)")
     ap.add_argument("--gsm8k-offset", type=int, default=7000, help="rows before this may be used for training")
+    ap.add_argument("--fit", nargs="*", help="EFT files the models were trained on: the judge on those pairs")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default="results/judge_quality/judge_quality.json")
     args = ap.parse_args()
