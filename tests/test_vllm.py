@@ -128,13 +128,18 @@ def test_sampling_is_reproducible_under_torch_seed(engines, problems):
 
 
 def test_search_and_eval_stages_on_vllm(tmp_path):
-    """The stages themselves, through their config: a PSR search and an evaluation on the vLLM backend."""
+    """The stages themselves, through their config: a PSR search, SRLM and an evaluation on the vLLM backend."""
     from psr.evaluate import EvalConfig, evaluate
-    from psr.search import SearchConfig, run_search
+    from psr.files import read_jsonl
+    from psr.search import SearchConfig, SRLMConfig, run_search
 
     gen = GenerationConfig(backend="vllm", kv_cache_gb=1.0)
     stats = run_search(SearchConfig(limit=2, width=2, max_steps=2, max_step_tokens=32, generation=gen,
                                     out=str(tmp_path / "search")), progress=False)
     assert (tmp_path / "search" / "search.jsonl").exists() and "pairs" in stats
+    run_search(SearchConfig(method="srlm", limit=2, srlm=SRLMConfig(samples=2, max_new_tokens=32), generation=gen,
+                            out=str(tmp_path / "srlm")), progress=False)
+    traces = read_jsonl(tmp_path / "srlm" / "search.jsonl")
+    assert all(len(t["samples"]) == 2 and all(0 <= s <= 5 for s in t["scores"]) for t in traces)
     result = evaluate(EvalConfig(limit=2, max_new_tokens=48, generation=gen), progress=False)
     assert result["n"] == 2 and result["throughput"]["backend"] == "vllm"

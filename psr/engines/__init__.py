@@ -51,12 +51,16 @@ def load_generator(name: str, dtype=None, device: str | None = None, gen: Genera
     gen = gen or GenerationConfig()
     if gen.backend == "hf":
         return load_model(name, dtype=dtype, device=device)
+    import importlib.util
+
+    from psr.config import ConfigError
     from psr.distributed import context
     from psr.engines.vllm_engine import VLLMEngine
 
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("generation.backend vllm needs vLLM in this environment: `make setup-vllm` builds "
+                          ".venv-vllm on a CPU (run .venv-vllm/bin/psr), `pip install -e '.[vllm]'` on GPUs")
     if context()[1] > 1:
-        from psr.config import ConfigError
-
         raise ConfigError("generation.backend vllm runs in one process (vLLM spreads a model over GPUs itself: "
                           "generation.tensor_parallel_size); launch psr without accelerate/torchrun")
     tok = load_tokenizer(name)
