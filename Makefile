@@ -84,7 +84,7 @@ lint: setup  ## ruff check (part of make test)
 test: setup lint  ## ruff check, then the test suite (everything but the tests marked slow)
 	$(RUNENV) $(BIN)/python -m pytest -q -m "not slow" tests
 
-test-vllm: setup-vllm  ## the vLLM backend's tests, in .venv-vllm (HF vs vLLM on the embedded model, ~2.5 min)
+test-vllm: setup-vllm  ## the vLLM backend's tests, in .venv-vllm (HF vs vLLM on the embedded model, 2-5 min)
 	$(RUNENV) $(VBIN)/python -m pytest -q -m vllm tests
 
 bench-vllm: setup-vllm  ## HF vs vLLM, same run, same prompts (benchmarks/engines.py; results/README.md)
