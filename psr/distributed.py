@@ -37,7 +37,7 @@ def timeout_seconds() -> int:
 
 def context():
     """``(rank, world_size, barrier)``; sets up the process group when launched with several processes."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _in_group():
         return torch.distributed.get_rank(), torch.distributed.get_world_size(), torch.distributed.barrier
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
@@ -48,9 +48,16 @@ def context():
     return 0, 1, lambda: None
 
 
+def _in_group() -> bool:
+    """Is this process one of several in a process group? An in-process vLLM engine sets up a group of
+    one (gloo) for itself: that is not a world to wait for, and it may be gone by the next barrier."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def broadcast(value, src: int = 0):
     """``value`` as rank ``src`` has it, on every rank (any picklable object; alone: ``value`` itself)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not _in_group():
         return value
     box = [value]
     torch.distributed.broadcast_object_list(box, src=src)

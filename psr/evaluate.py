@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from psr.answers import extract_answer, is_equivalent
 from psr.config import ConfigError, check_at_least
 from psr.distributed import broadcast, context, device_for
+from psr.engines import GenerationConfig, load_generator, release
 from psr.files import path_identity, read_jsonl, write_json_atomic, write_jsonl_atomic
 from psr.generation import cut_after_answer, generate
 from psr.sampling import SamplingConfig
@@ -50,6 +51,7 @@ class EvalConfig:
     # problems per chunk (null: batch_size): each chunk has its own seed and is the unit of sharding across
     # processes and of resume (chunks wait in <out>.parts/ until merged)
     chunk_size: int | None = None
+    generation: GenerationConfig = field(default_factory=GenerationConfig)  # the engine that solves (hf or vllm)
 
     def __post_init__(self):
         check_at_least(self, 1, "limit", "batch_size", "max_new_tokens")
@@ -117,8 +119,6 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
     ranks take chunks round-robin, write each to ``<out>.parts/`` as it is done, and rank 0 merges
     them: the result equals a one-process run, and a killed evaluation resumes at its first unsaved
     chunk. Ranks other than 0 return ``{}``."""
-    from psr.models import load_model
-
     rank, world, barrier = context()
     task = make_task(cfg.task)
     kwargs = {"offset": cfg.offset} if cfg.task.name != "arithmetic" else {}
@@ -136,9 +136,10 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
 
     started = time.perf_counter()
     in_memory = {}
+    loaded = bool(mine) and model is None
     if mine:
-        if model is None:
-            model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=device_for(rank))
+        if loaded:
+            model, tokenizer = load_generator(cfg.model, cfg.dtype, device_for(rank), cfg.generation)
         bar = tqdm(total=sum(len(chunks[c]) for c in mine), desc="eval" + (f" (rank {rank})" if world > 1 else ""),
                    unit="problem", disable=not progress, dynamic_ncols=True)
         for c in mine:
@@ -153,6 +154,9 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
             timing = {"rank": rank, "seconds": time.perf_counter() - started,
                       "problems": sum(len(chunks[c]) for c in mine)}
             write_json_atomic(parts / f"timing.rank{rank}.json", timing)
+    device = str(model.device) if model is not None else device_for(rank)
+    if loaded:
+        release(model)
     barrier()
     if rank != 0:
         barrier()
@@ -182,7 +186,7 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
                        "problems_per_minute": round(60 * len(rows) / max(seconds, 1e-9), 2),
                        "batch_size": cfg.batch_size, "processes": world,
                        "ranks": [{k: round(v, 2) if k == "seconds" else v for k, v in r.items()} for r in ranks],
-                       "device": str(model.device) if model is not None else device_for(rank)},
+                       "device": device, "backend": cfg.generation.backend},
         "config": asdict(cfg),
         "problems": rows,
     }

@@ -36,6 +36,13 @@ def cut_after_answer(text: str) -> str:
     return (text if end is None else text[:end]).rstrip()
 
 
+def stop_reached(new_text: str, at_step: bool) -> bool:
+    """Has a completion said enough: the next step's marker (``at_step``), or the end of its boxed answer's line?
+    Leading whitespace does not count (see ``cut_at_step_boundary``)."""
+    text = new_text.lstrip()
+    return (at_step and bool(NEXT_STEP_RE.search(text))) or answer_line_end(text) is not None
+
+
 class StepBoundaryStopping(StoppingCriteria):
     """Per-row stop once the new text reaches the next step's marker (``at_step``) or ends the line
     of its boxed answer."""
@@ -45,8 +52,7 @@ class StepBoundaryStopping(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         new = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
-        texts = [t.lstrip() for t in new]
-        done = [(self.at_step and bool(NEXT_STEP_RE.search(t))) or answer_line_end(t) is not None for t in texts]
+        done = [stop_reached(t, self.at_step) for t in new]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
@@ -69,8 +75,12 @@ def generate(
 
     Returns one list of ``num_samples`` completions per prompt, in the order of ``prompts``.
     Prompts are batched by length so that little is padded; ``batch_size`` counts sequences,
-    so a batch holds ``max(1, batch_size // num_samples)`` prompts.
+    so a batch holds ``max(1, batch_size // num_samples)`` prompts. ``model`` may be a vLLM engine
+    (``psr.engines``), which schedules its own batches.
     """
+    if getattr(model, "is_vllm_engine", False):
+        return model.generate(prompts, sampling, max_new_tokens, num_samples, stop_at_step, stop_at_answer,
+                              seed, desc, progress)
     sampling = sampling or SamplingConfig()
     if sampling.policy == "greedy" and num_samples > 1:
         raise ValueError("num_samples > 1 needs a sampling policy (fixed or edt), not greedy")

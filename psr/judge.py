@@ -204,6 +204,10 @@ class StepJudge:
             out += self._prob_a(hidden[torch.arange(len(rows), device=device), last])
         return out
 
+    def _prob_a_engine(self, prompts: list[str]) -> list[float]:
+        """P(A) / (P(A) + P(B)) from a vLLM engine (float32 log-probabilities of the two letters)."""
+        return self.model.choice_probs(prompts, self.choice_ids)[:, 0].tolist()
+
     # -- generate mode ---------------------------------------------------------------------
     def _generate_verdicts(self, prompts: list[str]) -> list[str]:
         from psr.generation import generate  # late import: generation imports sampling, not judge
@@ -220,11 +224,14 @@ class StepJudge:
         for question, previous, cands in items:
             orders = list(permutations(range(len(cands)), 2))
             per_item.append((orders, [self.prompt(question, previous, cands[i], cands[j], logits) for i, j in orders]))
-        if logits and self.cfg.prefix_reuse:
+        engine = getattr(self.model, "is_vllm_engine", False)
+        if logits and self.cfg.prefix_reuse and not engine:
             raw = [self._prob_a_shared_prefix(prompts) if prompts else [] for _, prompts in per_item]
         else:
+            # A vLLM engine takes every comparison at once; its prefix caching shares each step's prefix.
+            read = (self._prob_a_engine if engine else self._prob_a_plain) if logits else self._generate_verdicts
             flat = [p for _, prompts in per_item for p in prompts]
-            values = (self._prob_a_plain if logits else self._generate_verdicts)(flat) if flat else []
+            values = read(flat) if flat else []
             raw, k = [], 0
             for _, prompts in per_item:
                 raw.append(values[k : k + len(prompts)])

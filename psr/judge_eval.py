@@ -13,6 +13,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 from psr.config import check_at_least
+from psr.engines import GenerationConfig, load_generator, release
 from psr.files import DataError, iter_jsonl, write_json_atomic
 from psr.judge import JudgeConfig, StepJudge
 from psr.tasks import TaskConfig, make_task
@@ -30,6 +31,7 @@ class JudgeEvalConfig:
     seed: int = 0  # which held-out pairs
     dtype: str | None = None  # float32, bfloat16, float16 or auto (null: float32 on CPU, bfloat16 on CUDA)
     out: str | None = None  # write the result JSON here
+    generation: GenerationConfig = field(default_factory=GenerationConfig)  # the engine that judges (hf or vllm)
 
     def __post_init__(self):
         check_at_least(self, 1, "limit")
@@ -58,14 +60,15 @@ def _labelled_pairs(path: str, limit: int | None) -> list[dict]:
 
 
 def judge_eval(cfg: JudgeEvalConfig, model=None, tokenizer=None) -> dict:
-    from psr.models import load_model
-
-    if model is None:
-        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
+    loaded = model is None
+    if loaded:
+        model, tokenizer = load_generator(cfg.model, dtype=cfg.dtype, gen=cfg.generation)
     pairs = (_labelled_pairs(cfg.pairs_file, cfg.limit) if cfg.pairs_file
              else heldout_step_pairs(make_task(cfg.task), cfg.limit or 200, cfg.seed))
     judge = StepJudge(model, tokenizer, cfg.judge)
     comps = judge.compare([(r["question"], r["previous_steps"], [r["chosen"], r["rejected"]]) for r in pairs])
+    if loaded:
+        release(model)
 
     by_kind = defaultdict(list)
     a_share, per_order, agree = [], [], []

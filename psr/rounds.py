@@ -28,6 +28,7 @@ import yaml
 
 from psr.config import ConfigError, check_at_least, from_dict, to_dict
 from psr.distributed import context, fresh_state
+from psr.engines import GenerationConfig
 from psr.evaluate import EvalConfig, evaluate
 from psr.files import DataError, check_safetensors, read_json, read_jsonl, write_json_atomic, write_text_atomic
 from psr.judge_eval import JudgeEvalConfig, judge_eval
@@ -56,10 +57,11 @@ class BenchmarkConfig(EvalConfig):
         if self.model is not None or self.out is not None:
             raise ValueError(f"benchmark {self.name}: model and out are set by the loop; leave them out")
 
-    def eval_config(self, model: str, seed: int, out: str) -> EvalConfig:
-        """The ``psr eval`` config of this benchmark for one model."""
+    def eval_config(self, model: str, seed: int, out: str, generation: GenerationConfig | None = None) -> EvalConfig:
+        """The ``psr eval`` config of this benchmark for one model (on the run's engine, when given)."""
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(EvalConfig)}
-        return EvalConfig(**{**shared, "model": model, "seed": seed if self.seed is None else self.seed, "out": out})
+        return EvalConfig(**{**shared, "model": model, "seed": seed if self.seed is None else self.seed, "out": out,
+                             "generation": generation or self.generation})
 
 
 @dataclass
@@ -83,6 +85,9 @@ class RunConfig:
     benchmarks: list[BenchmarkConfig] = field(default_factory=lambda: [BenchmarkConfig()])
     judge_eval_limit: int = 100  # held-out step pairs for the judge's accuracy (built-in arithmetic task)
     eval_m0: bool = True  # evaluate the starting model too
+    # the engine of every stage that generates or judges (search, SRLM, evaluation, test-time search, judge
+    # eval); the loop sets it on each of them. Training is HF's either way. vllm needs `make setup-vllm`
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
     def __post_init__(self):
         check_at_least(self, 0, "rounds", "judge_eval_limit")
@@ -152,21 +157,27 @@ def eval_stage(cfg: RunConfig, model_dir_of, out_dir: Path, rank: int):
         # Every rank evaluates its share of each benchmark (and of its test-time search); rank 0 merges
         # them and judges the held-out pairs (short) while the others wait, then writes eval.json.
         from psr.distributed import device_for
-        from psr.models import load_model
+        from psr.engines import load_generator, release
 
         model_name = model_dir_of()
-        loaded = {}  # one copy of the model per dtype the benchmarks ask for
+        loaded = {}  # one copy of the model (or engine) per dtype the benchmarks ask for
         summary = {"model": model_name, "benchmarks": {}}
+
+        def load(dtype):
+            if dtype not in loaded:
+                loaded[dtype] = load_generator(model_name, dtype, device_for(rank), cfg.generation)
+            return loaded[dtype]
+
         for b in cfg.benchmarks:
-            if b.dtype not in loaded:
-                loaded[b.dtype] = load_model(model_name, dtype=b.dtype, device=device_for(rank))
-            model, tok = loaded[b.dtype]
-            r = evaluate(b.eval_config(model_name, cfg.seed, str(out_dir / f"eval_{b.name}.json")), model, tok)
+            model, tok = load(b.dtype)
+            r = evaluate(b.eval_config(model_name, cfg.seed, str(out_dir / f"eval_{b.name}.json"), cfg.generation),
+                         model, tok)
             tts = None
             if b.test_time_search:
                 scfg = dataclasses.replace(cfg.search, model=model_name, task=b.task, split=b.split,
                                            limit=b.test_time_limit or b.limit, offset=b.offset, method="psr",
-                                           seed=cfg.seed, out=str(out_dir / f"tts_{b.name}"))
+                                           seed=cfg.seed, out=str(out_dir / f"tts_{b.name}"),
+                                           generation=cfg.generation)
                 tts = run_search(scfg, model, tok)
             if rank != 0:
                 continue
@@ -180,12 +191,14 @@ def eval_stage(cfg: RunConfig, model_dir_of, out_dir: Path, rank: int):
         if rank != 0:
             return {}
         if cfg.judge_eval_limit:
-            model, tok = loaded.get(None) or load_model(model_name, device=device_for(rank))
+            model, tok = load(None)
             task = cfg.task if cfg.task.name == "arithmetic" else TaskConfig()
             jcfg = JudgeEvalConfig(model=model_name, task=task, limit=cfg.judge_eval_limit, judge=cfg.search.judge,
-                                   seed=cfg.seed, out=str(out_dir / "judge_eval.json"))
+                                   seed=cfg.seed, out=str(out_dir / "judge_eval.json"), generation=cfg.generation)
             j = judge_eval(jcfg, model, tok)
             summary["judge"] = {k: v for k, v in j.items() if k not in ("pairs", "config")}
+        for model, _ in loaded.values():
+            release(model)
         write_json_atomic(out_dir / "eval.json", summary)
         return {"model": in_run(model_name, run_dir_of(out_dir))}
 
@@ -215,7 +228,7 @@ def search_stage(cfg: RunConfig, method: str, r: int, start_dir: Path, out_dir: 
         scfg = dataclasses.replace(search, model=model_of(start_dir), task=cfg.task, split="train",
                                    method="srlm" if method == "srlm" else "psr",
                                    limit=cfg.problems_per_round, offset=offset, seed=cfg.seed + 1000 * r, round=r,
-                                   out=str(out_dir))
+                                   out=str(out_dir), generation=cfg.generation)
         stats = run_search(scfg)
         return {"pairs": stats.get("pairs")}
 
@@ -301,6 +314,8 @@ def _kinds_reading(key: str, cfgs: list[RunConfig]) -> set[str] | None:
         return {"search"}
     if top in ("benchmarks", "judge_eval_limit", "eval_m0"):
         return {"eval"}
+    if top == "generation":  # another engine samples other candidates (its own random streams); training is HF's
+        return {"search", "eval"}
     if top == "search":
         return {"search", "eval"} if searched or (judged and rest.startswith("judge.")) else {"search"}
     if top == "task":

