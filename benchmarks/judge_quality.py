@@ -67,7 +67,7 @@ def eft_training_pairs(path: str, out: str, n: int) -> str:
     return out
 
 
-def measure(name: str, args, gsm_file: str | None) -> dict:
+def measure(name: str, args, gsm_file: str | None, done: list[dict]) -> dict:
     model, tok = load_model(name)
     task = ArithmeticTask(min_steps=2, max_steps=4, max_operand=20)  # the experiment's task
     out = {"model": name}
@@ -77,20 +77,28 @@ def measure(name: str, args, gsm_file: str | None) -> dict:
     # the search's tie rule (margin 0.1) and the judge's bare lean (margin 0), from the same calls
     out["own"] = score_own(StepJudge(model, tok, JudgeConfig(aggregation="sum")), steps, margins=(0.0,))
     out["own"]["seconds"] = round(time.perf_counter() - t, 1)
+    _save(args, done + [out])  # each measure as soon as it is known: a killed run keeps what it measured
     judge = JudgeConfig(aggregation="sum")
     builtin = judge_eval(JudgeEvalConfig(model=name, task=TaskConfig(name="arithmetic", min_steps=2, max_steps=4,
                                                                      max_operand=20),
                                          limit=args.pairs, judge=judge, seed=args.seed), model, tok)
     out["builtin"] = _pairs_summary(builtin)
+    _save(args, done + [out])
     if gsm_file:
         real = judge_eval(JudgeEvalConfig(model=name, pairs_file=gsm_file, limit=args.pairs, judge=judge), model, tok)
         out["gsm8k"] = _pairs_summary(real)
+        _save(args, done + [out])
     for fit in args.fit or []:
         pairs = eft_training_pairs(fit, str(Path(args.out).with_suffix(f".fit{args.fit.index(fit)}.jsonl")), args.pairs)
         r = judge_eval(JudgeEvalConfig(model=name, pairs_file=pairs, limit=args.pairs, judge=judge), model, tok)
         out.setdefault("fit", {})[fit] = _pairs_summary(r)
+        _save(args, done + [out])
     print(json.dumps(out))
     return out
+
+
+def _save(args, results: list[dict]) -> None:
+    write_json_atomic(args.out, {"args": vars(args), "results": results})
 
 
 def _pairs_summary(r: dict) -> dict:
@@ -141,8 +149,10 @@ def main():
         gsm_file = str(Path(args.out).with_suffix(".gsm8k_pairs.jsonl"))
         pairs = gsm8k_result_pairs(args.gsm8k, args.pairs, args.gsm8k_offset, args.seed)
         write_text_atomic(gsm_file, "".join(json.dumps(p) + "\n" for p in pairs))
-    results = [measure(m, args, gsm_file) for m in args.models]
-    write_json_atomic(args.out, {"args": vars(args), "results": results})
+    results = []
+    for m in args.models:
+        results.append(measure(m, args, gsm_file, results))
+    _save(args, results)
     write_text_atomic(Path(args.out).with_suffix(".md"), table(results) + "\n")
     print(table(results))
 
