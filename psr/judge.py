@@ -110,6 +110,12 @@ class JudgeConfig:
             raise ValueError(f"tie_margin must be in [0, 1), got {self.tie_margin}")
 
 
+def summed_strength(p_a_i_first: float, p_a_j_first: float) -> float:
+    """How much the judge prefers candidate i over j, from P(A) with i shown first and with j shown first:
+    P(i better) summed over both orders, minus 1; in [-1, 1], > 0 prefers i (compared with ``tie_margin``)."""
+    return p_a_i_first + (1.0 - p_a_j_first) - 1.0
+
+
 @dataclass
 class Comparison:
     """All ordered comparisons among one step's candidates, and what they add up to."""
@@ -249,7 +255,7 @@ class StepJudge:
                 if logits:
                     p_i_first, p_i_second = seen[i, j], 1.0 - seen[j, i]  # P(i better) in each order
                     votes = [p_i_first > 0.5, p_i_second > 0.5]
-                    strength = p_i_first + p_i_second - 1.0  # in [-1, 1]; > 0: i preferred on the summed probabilities
+                    strength = summed_strength(seen[i, j], seen[j, i])
                 else:
                     replies[f"{i},{j}"], replies[f"{j},{i}"] = seen[i, j], seen[j, i]
                     v1, v2 = parse_verdict(seen[i, j]), parse_verdict(seen[j, i])

@@ -17,6 +17,7 @@ import math
 import torch
 
 from psr.generation import generate
+from psr.judge import summed_strength
 from psr.sampling import SamplingConfig
 from psr.steps import render_prompt
 
@@ -57,7 +58,7 @@ def summed_scores(comp, n: int, margin: float) -> list[int]:
     wins = [0] * n
     for i in range(n):
         for j in range(i + 1, n):
-            strength = comp.order_scores[f"{i},{j}"] + (1.0 - comp.order_scores[f"{j},{i}"]) - 1.0
+            strength = summed_strength(comp.order_scores[f"{i},{j}"], comp.order_scores[f"{j},{i}"])
             if strength > margin:
                 wins[i] += 1
             elif strength < -margin:
