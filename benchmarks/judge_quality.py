@@ -75,7 +75,8 @@ def measure(name: str, args, gsm_file: str | None, done: list[dict]) -> dict:
     steps = own_candidates(model, tok, task, task.problems("test", args.problems, seed=args.seed), width=args.width,
                            seed=args.seed, progress=False)
     # the search's tie rule (margin 0.1) and the judge's bare lean (margin 0), from the same calls
-    out["own"] = score_own(StepJudge(model, tok, JudgeConfig(aggregation="sum")), steps, margins=(0.0,))
+    out["own"] = score_own(StepJudge(model, tok, JudgeConfig(aggregation="sum")), steps, margins=(0.0,),
+                           likelihood=True)
     out["own"]["seconds"] = round(time.perf_counter() - t, 1)
     _save(args, done + [out])  # each measure as soon as it is known: a killed run keeps what it measured
     judge = JudgeConfig(aggregation="sum")
@@ -129,6 +130,14 @@ def table(results: list[dict]) -> str:
         lines += ["", "| model | its training pairs (EFT file) | n | summed accuracy (95% CI) |", "|---|---|---|---|"]
         lines += [f"| {m} | {f} | {v['n']} | {v['accuracy_sum']:.2f} ({v['interval'][0]:.2f}–{v['interval'][1]:.2f}) |"
                   for m, f, v in fits]
+    likes = [(r["model"], r["own"]["likelihood"]) for r in results if r["own"].get("likelihood")]
+    if likes:
+        lines += ["", "| model | judge sides with the likelier candidate (pairs) | same, right-vs-wrong pairs | "
+                  "likeliest candidate kept right (95% CI) |", "|---|---|---|---|"]
+        lines += [f"| {m} | {v['judge_sides_with_likelier']} ({v['pairs']}) | "
+                  f"{v['judge_sides_with_likelier_right_vs_wrong']} ({v['pairs_right_vs_wrong']}) | "
+                  f"{v['likeliest_kept_right']} ({v['likeliest_kept_right_interval'][0]:.2f}–"
+                  f"{v['likeliest_kept_right_interval'][1]:.2f}) |" for m, v in likes]
     return "\n".join(lines)
 
 

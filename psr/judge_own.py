@@ -66,10 +66,11 @@ def summed_scores(comp, n: int, margin: float) -> list[int]:
     return wins
 
 
-def score_own(judge, steps: list[dict], margins: tuple[float, ...] = ()) -> dict:
+def score_own(judge, steps: list[dict], margins: tuple[float, ...] = (), likelihood: bool = False) -> dict:
     """Kept-right share of ``judge`` (an object with ``compare``) at the mixed steps, vs a random pick.
     A step whose scores are all equal (the search would roll back) counts as not kept right.
-    ``margins``: also report the same calls re-read under these tie margins (logits mode only)."""
+    ``margins``: also report the same calls re-read under these tie margins (logits mode only).
+    ``likelihood``: also ask whether the judge just follows the generator (``likelihood_view``)."""
     mixed = mixed_steps(steps)
     comps = judge.compare([(s["question"], s["previous_steps"], s["candidates"]) for s in mixed]) if mixed else []
     out = _kept_right(mixed, [c.scores for c in comps], len(steps))
@@ -77,7 +78,57 @@ def score_own(judge, steps: list[dict], margins: tuple[float, ...] = ()) -> dict
         out["by_margin"] = {str(m): _kept_right(mixed, [summed_scores(c, len(s["candidates"]), m)
                                                         for s, c in zip(mixed, comps)], len(steps))
                             for m in margins}
+    if likelihood and mixed:
+        out["likelihood"] = likelihood_view(mixed, comps, candidate_loglik(judge.model, judge.tok, mixed))
     return out
+
+
+@torch.no_grad()
+def candidate_loglik(model, tok, steps: list[dict]) -> list[list[float]]:
+    """Mean log-probability per token of each candidate given its prompt, under ``model`` as the policy."""
+    out = []
+    for s in steps:
+        head = render_prompt(tok, s["question"], s["previous_steps"])
+        head_ids = tok(head, add_special_tokens=False)["input_ids"]
+        row = []
+        for c in s["candidates"]:
+            tail = render_prompt(tok, s["question"], s["previous_steps"] + [c])[len(head):]
+            tail_ids = tok(tail, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([head_ids + tail_ids], device=model.device)
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+            picked = logp.gather(-1, ids[0, 1:, None])[len(head_ids) - 1:, 0]
+            row.append(picked.mean().item() if len(tail_ids) else 0.0)
+        out.append(row)
+    return out
+
+
+def likelihood_view(mixed: list[dict], comps, lls: list[list[float]]) -> dict:
+    """Does the judge prefer what the policy finds likely? Over candidate pairs at the mixed steps (distinct
+    texts): how often the judge's lean (summed P(A), margin 0) sides with the likelier candidate, and that
+    for right-vs-wrong pairs only; and the kept-right share of a judge that just picks the likeliest."""
+    agree, pairs, agree_rw, pairs_rw = 0, 0, 0, 0
+    picks = []
+    for s, c, ll in zip(mixed, comps, lls):
+        n = len(s["candidates"])
+        for i in range(n):
+            for j in range(i + 1, n):
+                if s["candidates"][i] == s["candidates"][j] or ll[i] == ll[j]:
+                    continue
+                lean = summed_strength(c.order_scores[f"{i},{j}"], c.order_scores[f"{j},{i}"])
+                if lean == 0:
+                    continue
+                same = (lean > 0) == (ll[i] > ll[j])
+                agree, pairs = agree + same, pairs + 1
+                if (s["candidate_correct"][i] is True) != (s["candidate_correct"][j] is True):
+                    agree_rw, pairs_rw = agree_rw + same, pairs_rw + 1
+        best = max(range(n), key=lambda i: ll[i])
+        picks.append([int(i == best) for i in range(n)])
+    likeliest = _kept_right(mixed, picks, len(mixed))
+    return {"judge_sides_with_likelier": round(agree / pairs, 4) if pairs else None, "pairs": pairs,
+            "judge_sides_with_likelier_right_vs_wrong": round(agree_rw / pairs_rw, 4) if pairs_rw else None,
+            "pairs_right_vs_wrong": pairs_rw,
+            "likeliest_kept_right": likeliest["kept_right"],
+            "likeliest_kept_right_interval": likeliest["kept_right_interval"]}
 
 
 def _kept_right(mixed: list[dict], scores: list[list[int]], n_steps: int) -> dict:

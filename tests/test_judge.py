@@ -185,6 +185,30 @@ def test_own_candidates_re_read_under_another_tie_margin():
     assert summary["by_margin"]["0.0"]["kept_right"] == 1.0 and summary["by_margin"]["0.0"]["ties"] == 0.0
 
 
+def test_likelihood_view_tells_a_judge_that_follows_the_policy(tiny):
+    """A judge that leans towards the likelier candidate sides with it on every pair; the likeliest-pick
+    judge is scored like any other. candidate_loglik gives one finite mean log-prob per candidate."""
+    from psr.judge import Comparison
+    from psr.judge_own import candidate_loglik, likelihood_view
+
+    steps = [{"question": "q", "previous_steps": [], "candidates": ["Step 1: a", "Step 1: b", "Step 1: c"],
+              "candidate_correct": [False, True, False]}] * 2
+    lls = [[-0.5, -2.0, -1.0]] * 2  # the wrong candidate 0 is the likeliest
+    # P(A) when i is shown first: high for the likelier of each pair in both orders
+    scores = {f"{i},{j}": 0.8 if lls[0][i] > lls[0][j] else 0.2 for i in range(3) for j in range(3) if i != j}
+    comp = Comparison(scores, [[0] * 3] * 3, [0, 0, 0], 0)
+    view = likelihood_view(steps, [comp, comp], lls)
+    assert view["judge_sides_with_likelier"] == 1.0 and view["pairs"] == 6
+    assert view["judge_sides_with_likelier_right_vs_wrong"] == 1.0 and view["pairs_right_vs_wrong"] == 4
+    assert view["likeliest_kept_right"] == 0.0
+    flipped = Comparison({k: 1 - v for k, v in scores.items()}, [[0] * 3] * 3, [0, 0, 0], 0)
+    assert likelihood_view(steps, [flipped, flipped], lls)["judge_sides_with_likelier"] == 0.0
+
+    model, tok = tiny
+    ll = candidate_loglik(model, tok, steps[:1])
+    assert len(ll) == 1 and len(ll[0]) == 3 and all(x < 0 for x in ll[0])
+
+
 def test_eft_rows_are_written_in_the_prompt_the_judge_is_asked_with(tiny):
     """A custom judge.template must reach the EFT rows too, or the judge is trained on another prompt."""
     from psr.train.sft import generate_eft
