@@ -79,6 +79,8 @@ def measure(name: str, args, gsm_file: str | None, done: list[dict]) -> dict:
                            likelihood=True)
     out["own"]["seconds"] = round(time.perf_counter() - t, 1)
     _save(args, done + [out])  # each measure as soon as it is known: a killed run keeps what it measured
+    if args.own_only:
+        return out
     judge = JudgeConfig(aggregation="sum")
     builtin = judge_eval(JudgeEvalConfig(model=name, task=TaskConfig(name="arithmetic", min_steps=2, max_steps=4,
                                                                      max_operand=20),
@@ -109,22 +111,25 @@ def _pairs_summary(r: dict) -> dict:
             "by_kind": r["by_kind"]}
 
 
+def _acc(s: dict | None) -> str:
+    return f"{s['accuracy_sum']:.2f} ({s['interval'][0]:.2f}–{s['interval'][1]:.2f})" if s else "—"
+
+
 def table(results: list[dict]) -> str:
     lines = ["| model | own steps: kept right (95% CI) | ties | kept right, margin 0 (95% CI) | random | gain z "
              "(margin 0) | mixed n | built-in pairs (95% CI) | GSM8K real-text pairs (95% CI) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        o, b, g = r["own"], r["builtin"], r.get("gsm8k")
+        o, b, g = r["own"], r.get("builtin"), r.get("gsm8k")
         own = f"{o['kept_right']:.2f} ({o['kept_right_interval'][0]:.2f}–{o['kept_right_interval'][1]:.2f})" \
             if o["mixed_steps"] else "—"
         z = o.get("by_margin", {}).get("0.0")
         own0 = f"{z['kept_right']:.2f} ({z['kept_right_interval'][0]:.2f}–{z['kept_right_interval'][1]:.2f})" \
             if z and o["mixed_steps"] else "—"
-        real = f"{g['accuracy_sum']:.2f} ({g['interval'][0]:.2f}–{g['interval'][1]:.2f})" if g else "—"
         rnd = o["random_right"] if o["mixed_steps"] else "—"
         lines.append(f"| {r['model']} | {own} | {o['ties']} | {own0} | {rnd} | {z['gain_z'] if z else '—'} "
                      f"| {o['mixed_steps']} | "
-                     f"{b['accuracy_sum']:.2f} ({b['interval'][0]:.2f}–{b['interval'][1]:.2f}) | {real} |")
+                     f"{_acc(b)} | {_acc(g)} |")
     fits = [(r["model"], f, v) for r in results for f, v in (r.get("fit") or {}).items()]
     if fits:
         lines += ["", "| model | its training pairs (EFT file) | n | summed accuracy (95% CI) |", "|---|---|---|---|"]
@@ -150,6 +155,7 @@ def main():
     ap.add_argument("--gsm8k", help="GSM8K JSONL for real-text pairs (rows from --gsm8k-offset on)")
     ap.add_argument("--gsm8k-offset", type=int, default=7000, help="rows before this may be used for training")
     ap.add_argument("--fit", nargs="*", help="EFT files the models were trained on: the judge on those pairs")
+    ap.add_argument("--own-only", action="store_true", help="only the own-candidates measure (and its likelihood view)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default="results/judge_quality/judge_quality.json")
     args = ap.parse_args()
