@@ -143,3 +143,23 @@ def test_search_and_eval_stages_on_vllm(tmp_path):
     assert all(len(t["samples"]) == 2 and all(0 <= s <= 5 for s in t["scores"]) for t in traces)
     result = evaluate(EvalConfig(limit=2, max_new_tokens=48, generation=gen), progress=False)
     assert result["n"] == 2 and result["throughput"]["backend"] == "vllm"
+
+
+def test_build_eft_on_vllm(tmp_path):
+    """build-eft's candidates from the engine: width per step, each labelled by the task's exact check, and
+    a killed build resumes from its saved chunks without the engine."""
+    from psr.build_eft import BuildEFTConfig, run_build_eft
+    from psr.files import read_jsonl
+
+    cfg = BuildEFTConfig(limit=3, width=3, max_steps=3, max_step_tokens=32, chunk_size=2,
+                         out=str(tmp_path / "eft.jsonl"),
+                         generation=GenerationConfig(backend="vllm", kv_cache_gb=1.0))
+    stats = run_build_eft(cfg, progress=False)
+    steps = read_jsonl(tmp_path / "eft.jsonl.steps.jsonl")
+    assert stats["steps"] == len(steps) >= 3 and stats["candidates"] == 3 * len(steps)
+    task = make_task(cfg.task)
+    by_id = {p.id: p for p in task.problems("train", 3, seed=0)}
+    for s in steps:
+        p = by_id[s["problem_id"]]
+        assert s["labels"] == [task.check_step(p, s["previous_steps"], c) for c in s["candidates"]]
+    assert run_build_eft(cfg, progress=False)["steps"] == stats["steps"]  # every chunk saved: nothing searched
