@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from psr.answers import extract_answer, is_equivalent
 from psr.config import ConfigError, check_at_least
 from psr.distributed import broadcast, context, device_for
-from psr.engines import GenerationConfig, load_generator, release
+from psr.engines import GenerationConfig, load_generator, loads_together, release
 from psr.files import path_identity, read_jsonl, write_json_atomic, write_jsonl_atomic
 from psr.generation import cut_after_answer, generate
 from psr.sampling import SamplingConfig
@@ -136,10 +136,10 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
 
     started = time.perf_counter()
     in_memory = {}
-    loaded = bool(mine) and model is None
+    loaded = model is None and (bool(mine) or loads_together(cfg.generation))
+    if loaded:
+        model, tokenizer = load_generator(cfg.model, cfg.dtype, device_for(rank), cfg.generation)
     if mine:
-        if loaded:
-            model, tokenizer = load_generator(cfg.model, cfg.dtype, device_for(rank), cfg.generation)
         bar = tqdm(total=sum(len(chunks[c]) for c in mine), desc="eval" + (f" (rank {rank})" if world > 1 else ""),
                    unit="problem", disable=not progress, dynamic_ncols=True)
         for c in mine:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from psr.answers import extract_answer
 from psr.config import ConfigError, check_at_least
 from psr.distributed import context, device_for
-from psr.engines import GenerationConfig, load_generator, release
+from psr.engines import GenerationConfig, load_generator, loads_together, release
 from psr.files import DataError, read_jsonl, write_jsonl_atomic
 from psr.generation import generate
 from psr.judge import JudgeConfig, StepJudge, truth_comparison
@@ -211,7 +211,7 @@ def run_search(cfg: SearchConfig, model=None, tokenizer=None, progress: bool = T
     chunks = [problems[i : i + cfg.chunk_size] for i in range(0, len(problems), cfg.chunk_size)]
     mine = [c for c in range(len(chunks)) if c % world == rank and not _saved_chunk_ok(chunk_dir, c, chunks[c])]
 
-    if mine:
+    if mine or (model is None and loads_together(cfg.generation)):
         loaded = model is None
         if loaded:
             model, tokenizer = load_generator(cfg.model, cfg.dtype, device_for(rank), cfg.generation)
@@ -232,7 +232,8 @@ def run_search(cfg: SearchConfig, model=None, tokenizer=None, progress: bool = T
         bar.close()
         if loaded:
             release(model)
-        (chunk_dir / f"timing.rank{rank}.json").write_text(json.dumps({"seconds": time.perf_counter() - started}))
+        if mine:  # a rank that only loaded its engine alongside the others keeps an earlier run's timing
+            (chunk_dir / f"timing.rank{rank}.json").write_text(json.dumps({"seconds": time.perf_counter() - started}))
     barrier()
     if rank != 0:
         barrier()

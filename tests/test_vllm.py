@@ -163,3 +163,28 @@ def test_build_eft_on_vllm(tmp_path):
         p = by_id[s["problem_id"]]
         assert s["labels"] == [task.check_step(p, s["previous_steps"], c) for c in s["candidates"]]
     assert run_build_eft(cfg, progress=False)["steps"] == stats["steps"]  # every chunk saved: nothing searched
+
+
+def test_one_engine_per_rank_under_accelerate(tmp_path):
+    """`accelerate launch` with 2 CPU processes: each rank builds its own engine (vLLM's external launcher) and
+    evaluates its share; rank 0's merged greedy solutions equal one HF process's. The search has one chunk,
+    so rank 1 only builds its engine alongside rank 0's: the run would hang if it did not."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from psr.evaluate import EvalConfig, evaluate
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PSR_DIST_TIMEOUT": "600"}
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+           str(root / "accelerate_configs" / "multi_cpu.yaml"), str(root / "tests" / "dist_vllm.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    merged = json.loads((tmp_path / "rank0.json").read_text())
+    assert merged["world"] == 2 and merged["backend"] == "vllm" and merged["searched"] == 1
+    assert merged["ranks"] == [0, 1]  # both ranks evaluated a share
+    hf = evaluate(EvalConfig(model="smollm2-135m", limit=3, chunk_size=1, max_new_tokens=48), progress=False)
+    assert merged["outputs"] == [p["output"] for p in hf["problems"]]

