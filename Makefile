@@ -87,8 +87,9 @@ test: setup lint  ## ruff check, then the test suite (everything but the tests m
 test-vllm: setup-vllm  ## the vLLM backend's tests, in .venv-vllm (HF vs vLLM on the embedded model, 2-5 min)
 	$(RUNENV) $(VBIN)/python -m pytest -q -m vllm tests
 
-bench-vllm: setup-vllm  ## HF vs vLLM, same run, same prompts (benchmarks/engines.py; results/README.md)
+bench-vllm: setup-vllm  ## HF vs vLLM, same run, same prompts; a fresh engine vs reloaded weights (results/README.md)
 	$(RUNENV) $(VBIN)/python benchmarks/engines.py
+	$(RUNENV) $(VBIN)/python benchmarks/engine_refresh.py
 
 test-slow: setup  ## run only the tests marked slow
 	$(RUNENV) $(BIN)/python -m pytest -q -m slow tests
