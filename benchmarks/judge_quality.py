@@ -22,6 +22,7 @@ import re
 import time
 from pathlib import Path
 
+from psr.engines import GenerationConfig, is_engine, load_generator, release
 from psr.files import write_json_atomic, write_text_atomic
 from psr.judge import JudgeConfig, StepJudge
 from psr.judge_eval import JudgeEvalConfig, judge_eval
@@ -68,18 +69,22 @@ def eft_training_pairs(path: str, out: str, n: int) -> str:
 
 
 def measure(name: str, args, gsm_file: str | None, done: list[dict]) -> dict:
-    model, tok = load_model(name)
+    gen = GenerationConfig(backend=args.backend)
+    model, tok = load_generator(name, gen=gen)
     task = ArithmeticTask(min_steps=2, max_steps=4, max_operand=20)  # the experiment's task
-    out = {"model": name}
+    out = {"model": name, "backend": args.backend}
     t = time.perf_counter()
     steps = own_candidates(model, tok, task, task.problems("test", args.problems, seed=args.seed), width=args.width,
                            seed=args.seed, progress=False)
-    # the search's tie rule (margin 0.1) and the judge's bare lean (margin 0), from the same calls
+    # the search's tie rule (margin 0.1) and the judge's bare lean (margin 0), from the same calls; the
+    # likelihood view scores candidates with the HF model (a vLLM engine has no forward pass to call)
+    policy = load_model(name)[0] if is_engine(model) else model
     out["own"] = score_own(StepJudge(model, tok, JudgeConfig(aggregation="sum")), steps, margins=(0.0,),
-                           likelihood=True)
+                           likelihood=True, policy=policy)
     out["own"]["seconds"] = round(time.perf_counter() - t, 1)
     _save(args, done + [out])  # each measure as soon as it is known: a killed run keeps what it measured
     if args.own_only:
+        release(model)
         return out
     judge = JudgeConfig(aggregation="sum")
     builtin = judge_eval(JudgeEvalConfig(model=name, task=TaskConfig(name="arithmetic", min_steps=2, max_steps=4,
@@ -96,6 +101,7 @@ def measure(name: str, args, gsm_file: str | None, done: list[dict]) -> dict:
         r = judge_eval(JudgeEvalConfig(model=name, pairs_file=pairs, limit=args.pairs, judge=judge), model, tok)
         out.setdefault("fit", {})[fit] = _pairs_summary(r)
         _save(args, done + [out])
+    release(model)
     print(json.dumps(out))
     return out
 
@@ -157,6 +163,7 @@ def main():
     ap.add_argument("--fit", nargs="*", help="EFT files the models were trained on: the judge on those pairs")
     ap.add_argument("--own-only", action="store_true", help="only the own-candidates measure (and its likelihood view)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="engine for candidates and judging")
     ap.add_argument("--out", default="results/judge_quality/judge_quality.json")
     args = ap.parse_args()
     gsm_file = None

@@ -66,11 +66,13 @@ def summed_scores(comp, n: int, margin: float) -> list[int]:
     return wins
 
 
-def score_own(judge, steps: list[dict], margins: tuple[float, ...] = (), likelihood: bool = False) -> dict:
+def score_own(judge, steps: list[dict], margins: tuple[float, ...] = (), likelihood: bool = False,
+              policy=None) -> dict:
     """Kept-right share of ``judge`` (an object with ``compare``) at the mixed steps, vs a random pick.
     A step whose scores are all equal (the search would roll back) counts as not kept right.
     ``margins``: also report the same calls re-read under these tie margins (logits mode only).
-    ``likelihood``: also ask whether the judge just follows the generator (``likelihood_view``)."""
+    ``likelihood``: also ask whether the judge just follows the generator (``likelihood_view``), scoring the
+    candidates with ``policy`` (an HF model; default: the judge's own model)."""
     mixed = mixed_steps(steps)
     comps = judge.compare([(s["question"], s["previous_steps"], s["candidates"]) for s in mixed]) if mixed else []
     out = _kept_right(mixed, [c.scores for c in comps], len(steps))
@@ -79,7 +81,7 @@ def score_own(judge, steps: list[dict], margins: tuple[float, ...] = (), likelih
                                                         for s, c in zip(mixed, comps)], len(steps))
                             for m in margins}
     if likelihood and mixed:
-        out["likelihood"] = likelihood_view(mixed, comps, candidate_loglik(judge.model, judge.tok, mixed))
+        out["likelihood"] = likelihood_view(mixed, comps, candidate_loglik(policy or judge.model, judge.tok, mixed))
     return out
 
 
