@@ -87,20 +87,24 @@ def score_own(judge, steps: list[dict], margins: tuple[float, ...] = (), likelih
 
 @torch.no_grad()
 def candidate_loglik(model, tok, steps: list[dict]) -> list[list[float]]:
-    """Mean log-probability per token of each candidate given its prompt, under ``model`` as the policy."""
+    """Mean log-probability per token of each candidate given its prompt, under ``model`` as the policy.
+    One forward per step: its candidates right-padded in one batch (padding after a row changes nothing
+    before it under causal attention)."""
     out = []
     for s in steps:
         head = render_prompt(tok, s["question"], s["previous_steps"])
         head_ids = tok(head, add_special_tokens=False)["input_ids"]
-        row = []
-        for c in s["candidates"]:
-            tail = render_prompt(tok, s["question"], s["previous_steps"] + [c])[len(head):]
-            tail_ids = tok(tail, add_special_tokens=False)["input_ids"]
-            ids = torch.tensor([head_ids + tail_ids], device=model.device)
-            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-            picked = logp.gather(-1, ids[0, 1:, None])[len(head_ids) - 1:, 0]
-            row.append(picked.mean().item() if len(tail_ids) else 0.0)
-        out.append(row)
+        tails = [tok(render_prompt(tok, s["question"], s["previous_steps"] + [c])[len(head):],
+                     add_special_tokens=False)["input_ids"] for c in s["candidates"]]
+        width = len(head_ids) + max(len(t) for t in tails)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        rows = [head_ids + t + [pad] * (width - len(head_ids) - len(t)) for t in tails]
+        mask = [[1] * (len(head_ids) + len(t)) + [0] * (width - len(head_ids) - len(t)) for t in tails]
+        ids = torch.tensor(rows, device=model.device)
+        logits = model(input_ids=ids, attention_mask=torch.tensor(mask, device=model.device)).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+        start = len(head_ids) - 1  # the first tail token is predicted at the last head position
+        out.append([logp[i, start:start + len(t)].mean().item() if t else 0.0 for i, t in enumerate(tails)])
     return out
 
 

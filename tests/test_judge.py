@@ -207,6 +207,11 @@ def test_likelihood_view_tells_a_judge_that_follows_the_policy(tiny):
     model, tok = tiny
     ll = candidate_loglik(model, tok, steps[:1])
     assert len(ll) == 1 and len(ll[0]) == 3 and all(x < 0 for x in ll[0])
+    # candidates of unequal length share one padded batch: each scores as it does alone
+    uneven = {**steps[0], "candidates": ["Step 1: a", "Step 1: a much longer step = 42"]}
+    together = candidate_loglik(model, tok, [uneven])[0]
+    alone = [candidate_loglik(model, tok, [{**uneven, "candidates": [c]}])[0][0] for c in uneven["candidates"]]
+    assert together == pytest.approx(alone, abs=1e-4)
 
 
 def test_eft_rows_are_written_in_the_prompt_the_judge_is_asked_with(tiny):
