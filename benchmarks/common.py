@@ -67,3 +67,13 @@ def mean_and_se(values: list[float]) -> tuple[float, float]:
     mean = statistics.fmean(values)
     se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
     return mean, se
+
+
+def vllm_missing(script: str) -> bool:
+    """True (and says where to run it) when vLLM is not importable: `make bench` runs every benchmark from .venv."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        print(f"{script}: vLLM is not installed here; run it with `make bench-vllm`")
+        return True
+    return False

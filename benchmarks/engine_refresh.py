@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
@@ -56,10 +57,9 @@ def main():
     ap.add_argument("--prompts", type=int, default=8, help="greedy solutions compared (arithmetic problems)")
     ap.add_argument("--out", default="results/engines/refresh.json")
     args = ap.parse_args()
-    import importlib.util
+    from common import vllm_missing
 
-    if importlib.util.find_spec("vllm") is None:  # `make bench` runs every benchmark from .venv
-        print("benchmarks/engine_refresh.py: vLLM is not installed here; run it with `make bench-vllm`")
+    if vllm_missing("benchmarks/engine_refresh.py"):
         return
 
     from psr.engines import GenerationConfig

@@ -57,10 +57,9 @@ def main():
     ap.add_argument("--round-problems", type=int, default=8, help="problems of the search round (0: skip it)")
     ap.add_argument("--out", default="results/engines/bench.json")
     args = ap.parse_args()
-    import importlib.util
+    from common import vllm_missing
 
-    if importlib.util.find_spec("vllm") is None:  # `make bench` runs every benchmark from .venv
-        print("benchmarks/engines.py: vLLM is not installed here; run it with `make bench-vllm`")
+    if vllm_missing("benchmarks/engines.py"):
         return
     if args.threads:  # before vLLM binds its OpenMP threads; HF in this process then uses the same ones
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{args.threads - 1}" if args.threads > 1 else "0"
