@@ -63,7 +63,8 @@ def collect(run_dir: str | Path) -> dict:
             chain.append({"round": int(d.name.split("_")[1]), "eval": _load_eval(d),
                           "pairs": pairs, "train_log": train_log})
         methods[method] = chain
-    return {"m0": m0, "m1": m1, "methods": methods}
+    given = (_load(run_dir / "init" / "init.done") or {}).get("given")
+    return {"m0": m0, "m1": m1, "m1_given": bool(given), "methods": methods}
 
 
 def _points(data: dict, method: str | None):
@@ -196,7 +197,7 @@ def summary_rows(data: dict) -> list[list[str]]:
         return f"{j['kept_right_when_mixed']:.2f} / {j['random_right_when_mixed']:.2f} (n={j['mixed_steps']})"
 
     rows.append(row("M0", "base", data["m0"]))
-    rows.append(row("M1", "init (SFT)", data["m1"]))
+    rows.append(row("M1", "given (m1)" if data.get("m1_given") else "init (SFT)", data["m1"]))
     for method, chain in data["methods"].items():
         for c in chain:
             rows.append(row(f"M{c['round'] + 1}", f"{method.upper()} round {c['round']}", c["eval"], c["pairs"]))

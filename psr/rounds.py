@@ -78,6 +78,9 @@ class RunConfig:
     problems_per_round: int = 32  # search problems per round (new problems every round)
     task: TaskConfig = field(default_factory=TaskConfig)  # where the search's problems come from
     init: InitConfig = field(default_factory=InitConfig)  # model/out/task/seed/data_seed are set by the loop
+    # an M1 you already have (directory or hub id, e.g. one `psr init` made): the run does not train one,
+    # its rounds start from this model (init's settings are then unused)
+    m1: str | None = None
     # model/out/task/limit/seed/round/method are set by the loop
     search: SearchConfig = field(default_factory=SearchConfig)
     train: StepDPOConfig = field(default_factory=StepDPOConfig)  # model/out/pairs/seed: set by the loop
@@ -211,6 +214,14 @@ def init_stage(cfg: RunConfig, run_dir: Path):
     def run():
         from psr.train.sft import run_init
 
+        if cfg.m1 is not None:
+            from psr.models import ModelLoadError, resolve_model_path
+
+            try:
+                resolve_model_path(cfg.m1)
+            except ModelLoadError as err:
+                raise ConfigError(f"m1: {err}") from None
+            return {"model": in_run(cfg.m1, run_dir), "given": True}
         icfg = dataclasses.replace(cfg.init, model=cfg.model, out=str(out), task=cfg.task, seed=cfg.seed,
                                    data_seed=cfg.seed, judge_template=cfg.search.judge.template)
         log = run_init(icfg)
@@ -310,6 +321,8 @@ def _kinds_reading(key: str, cfgs: list[RunConfig]) -> set[str] | None:
     searched = any(b.test_time_search for c in cfgs for b in c.benchmarks)  # eval stages run the search
     if top in ("init", "train"):
         return {top}
+    if top == "m1":
+        return {"init"}
     if top == "problems_per_round":
         return {"search"}
     if top in ("benchmarks", "judge_eval_limit", "eval_m0"):

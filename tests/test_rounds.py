@@ -187,3 +187,24 @@ def test_srlm_rounds_then_the_oracle_arm_appended_through_the_loop(tmp_path):
     pairs = [json.loads(line) for line in (run / "oracle" / "round_1" / "pairs.jsonl").open()]
     assert all(p["chosen_correct"] is True and p["rejected_correct"] is False for p in pairs)
     assert "ORACLE round 1" in (run / "report.md").read_text()
+
+
+def test_rounds_start_from_a_given_m1_without_training_one(tmp_path):
+    from psr.models import tiny_model_path
+
+    data = yaml.safe_load(TINY.read_text())
+    data.update(rounds=1, eval_m0=False, m1="/no/such/m1")
+    recipe = tmp_path / "given.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"m1: model path /no/such/m1 does not exist"):
+        iterate(load_config(RunConfig, recipe), tmp_path / "bad", progress=False)
+
+    data["m1"] = str(tiny_model_path())
+    recipe.write_text(yaml.safe_dump(data))
+    run = iterate(load_config(RunConfig, recipe), tmp_path / "run", progress=False)
+    marker = json.loads((run / "init" / "init.done").read_text())
+    assert marker["given"] is True and marker["model"] == str(tiny_model_path().resolve())
+    assert not (run / "init" / "model").exists()  # nothing trained
+    assert json.loads((run / "init" / "eval.json").read_text())["model"] == str(tiny_model_path().resolve())
+    assert (run / "psr" / "round_1" / "eval.done").exists()
+    assert "| M1 | given (m1) |" in (run / "report.md").read_text()
