@@ -34,9 +34,57 @@ def gsm8k_gold(answer: str) -> str:
     return answer.rsplit("####", 1)[1].strip().replace(",", "")
 
 
+# "The answer is 42", "the final answer is: $42$." -- the value up to the end of its sentence or line.
+_ANSWER_IS_RE = re.compile(r"answer is[:\s]*(?:\\?\$)?([^\n$]+?)\s*(?:\$|\.\s|\.?$)", flags=re.I | re.M)
+
+
+def _boxed_at(text: str, i: int) -> str | None:
+    """Content of the ``\\boxed{`` (or ``\\fbox{``) opening at ``i``, when its braces close."""
+    start = text.index("{", i) + 1
+    depth = 1
+    for j in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[start:j].strip()
+    return None
+
+
+def final_answer(text: str) -> str | None:
+    """The first final answer ``text`` commits to -- a complete ``\\boxed{}``, ``#### x`` or "the answer is
+    x", whichever comes first -- or None when it commits to none. This is psr's one grading rule (the
+    lm-evaluation-harness calls the like ``strict-match``): a text cut off mid-step, a numbered list or
+    a half-written solution has no final answer and is wrong, whatever numbers it holds."""
+    found = []  # (position, answer)
+    for marker in ("\\boxed{", "\\fbox{"):
+        i = text.find(marker)
+        while i != -1:
+            boxed = _boxed_at(text, i)
+            if boxed is not None:
+                found.append((i, boxed))
+                break
+            i = text.find(marker, i + 1)
+    for m in re.finditer(r"####[ \t]*([^\n]*)", text):
+        if m.group(1).strip():
+            found.append((m.start(), m.group(1).strip()))
+            break
+    # "the answer is the sum of 3 and 4" is no commitment: only a value (a number, or LaTeX) counts; "the answer
+    # is \\boxed{..}" is the boxed answer, found above
+    m = next((m for m in _ANSWER_IS_RE.finditer(text) if re.match(r"[-(]?[\d.\\]", m.group(1).strip())
+              and "\\boxed" not in m.group(1) and "\\fbox" not in m.group(1)), None)
+    if m:
+        found.append((m.start(), m.group(1).strip()))
+    return min(found)[1] if found else None
+
+
 def extract_answer(text: str) -> str | None:
-    """The model's final answer: last ``\\boxed{}``; else ``#### x``; else "the answer is x";
-    else the last number in the text. None when nothing answer-like is there."""
+    """The answer psr grades: :func:`final_answer` (the first final answer; None when there is none)."""
+    return final_answer(text)
+
+
+def flexible_answer(text: str) -> str | None:
+    """A lenient second reading, reported beside the strict one and never used to grade by default (the
+    lm-evaluation-harness's ``flexible-extract``): the last ``\\boxed{}``; else ``#### x``; else the last
+    "the answer is x"; else the last number in the text. It credits texts that never give an answer."""
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed
@@ -44,7 +92,7 @@ def extract_answer(text: str) -> str | None:
         tail = text.rsplit("####", 1)[1].strip().splitlines()
         if tail and tail[0].strip():
             return tail[0].strip()
-    m = re.findall(r"answer is[:\s]*\$?([^\n$]+?)\s*(?:\$|\.\s|\.?$)", text, flags=re.I | re.M)
+    m = _ANSWER_IS_RE.findall(text)
     if m:
         return m[-1].strip()
     numbers = _NUMBER_RE.findall(text)
@@ -75,5 +123,12 @@ def is_equivalent(gold: str, pred: str | None) -> bool:
 
 
 def is_correct(gold: str, solution: str) -> bool:
-    """Extract the final answer from a model's solution and compare it with ``gold``."""
-    return is_equivalent(gold, extract_answer(solution))
+    """psr's one grading rule: the first final answer ``solution`` commits to (:func:`final_answer`) means
+    the same as ``gold``. A solution without a final answer is wrong. Evaluation, maj@k/pass@k, the
+    search's ``final_correct``, SRLM and the rollout annotator all grade with this."""
+    return is_equivalent(gold, final_answer(solution))
+
+
+def is_correct_flexible(gold: str, solution: str) -> bool:
+    """The lenient reading (:func:`flexible_answer`): a second metric, never the default."""
+    return is_equivalent(gold, flexible_answer(solution))

@@ -1,6 +1,15 @@
 import pytest
 
-from psr.answers import extract_answer, gsm8k_gold, is_correct, is_equivalent, last_boxed
+from psr.answers import (
+    extract_answer,
+    final_answer,
+    flexible_answer,
+    gsm8k_gold,
+    is_correct,
+    is_correct_flexible,
+    is_equivalent,
+    last_boxed,
+)
 from tests.conftest import GSM8K, MATH500, jsonl_row, needs_shared
 
 # (MATH500 line, an equivalent answer written differently, a wrong answer)
@@ -61,17 +70,39 @@ def test_gsm8k_thousands_separator_in_prediction():
     "text,expected",
     [
         ("Step 2: 3 + 4 = 7. The answer is \\boxed{7}.", "7"),
-        ("\\boxed{1} then corrected: \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+        ("\\boxed{1} then corrected: \\boxed{\\frac{1}{2}}", "1"),  # the first answer it commits to decides
         ("nested \\boxed{\\frac{\\sqrt{2}}{2}} end", "\\frac{\\sqrt{2}}{2}"),
-        ("unclosed \\boxed{12", "12"),  # falls back to the last number
+        ("unclosed \\boxed{12", None),  # no complete answer: no answer, not "the last number"
         ("So the total is 1,250 apples\n#### 1,250", "1,250"),
         ("The answer is: 42.", "42"),
-        ("We get 3 then 17 apples", "17"),
+        ("The answer is 5. Step 2: so \\boxed{6}", "5"),
+        ("Step 1: The answer is the sum of 3 and 4.\nStep 2: 3 + 4 = 7 \\boxed{7}", "7"),  # no value: no commitment
+        ("We get 3 then 17 apples", None),
         ("no answer here", None),
     ],
 )
-def test_extract_answer(text, expected):
-    assert extract_answer(text) == expected
+def test_extract_answer_takes_the_first_final_answer(text, expected):
+    assert extract_answer(text) == expected == final_answer(text)
+
+
+# Texts a model writes that hold numbers but no final answer: the old grader took the last number.
+UNANSWERED = [
+    ("3", "Step 1: 3 + 4 = 7\nStep 2: 7 * 2 = 14\nStep 3:"),  # cut off at max_new_tokens: "3" of "Step 3:"
+    ("1", "Here is the plan:\n20. Add them\n21. 1"),  # a numbered list
+    ("12", "Step 1: She has 5 apples and buys 7, so 5 + 7 = 12"),  # a half-written solution
+]
+
+
+@pytest.mark.parametrize("gold,text", UNANSWERED)
+def test_a_text_without_a_final_answer_is_wrong(gold, text):
+    assert final_answer(text) is None and not is_correct(gold, text)
+    assert is_correct_flexible(gold, text)  # what the lenient second metric (and the old default) credited
+
+
+def test_a_later_right_answer_does_not_rescue_a_wrong_first_one():
+    text = "Step 2: 3 * 4 = 11, so \\boxed{11}\nStep 3: wait, \\boxed{12}"
+    assert not is_correct("12", text) and is_correct("11", text)
+    assert flexible_answer(text) == "12"
 
 
 def test_equivalence_edge_cases():
