@@ -34,9 +34,10 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
+from psr.chunks import Chunks, made_by
 from psr.config import ConfigError
 from psr.engines import GenerationConfig, load_generator, release
-from psr.files import read_jsonl, write_json_atomic, write_jsonl_atomic
+from psr.files import write_json_atomic, write_jsonl_atomic
 from psr.generation import generate
 from psr.judge import JudgeConfig, StepJudge
 from psr.sampling import SamplingConfig
@@ -51,7 +52,7 @@ class BuildEFTConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     split: str = "train"  # arithmetic: train/test; gsm8k/math: the file itself
     limit: int | None = 200  # problems searched
-    offset: int = 0  # gsm8k/math: skip rows used elsewhere
+    offset: int = 0  # skip problems used elsewhere (gsm8k/math: rows; arithmetic: positions in its stream)
     width: int = 4  # candidates per step
     max_steps: int = 8  # steps searched per problem at most
     max_step_tokens: int = 64  # new tokens per candidate step
@@ -96,8 +97,9 @@ def exact_labels(task: Task, problems, prefixes, candidates) -> list[list[bool |
 
 def rollout_labels(task: Task, complete, problems, prefixes, candidates, cfg: BuildEFTConfig) -> tuple[list, list]:
     """Math-Shepherd's estimate: the share of ``cfg.rollouts`` completions from prefix + step that reach
-    the gold answer. A step that already boxes an answer is checked directly. ``complete(items, k)``
-    returns k completions for each ``(question, steps)`` (see ``model_completer``)."""
+    the gold answer, graded as evaluation grades (the first final answer decides; a rollout that gives
+    none reaches nothing). A step that already boxes an answer is checked directly. ``complete(items, k)``
+    returns k completions for each ``(question, steps)``, each stopped at its answer line (``model_completer``)."""
     jobs = []  # (step n, candidate i, (question, steps))
     for n, (p, prefix, cands) in enumerate(zip(problems, prefixes, candidates)):
         for i, c in enumerate(cands):
@@ -125,12 +127,14 @@ def model_pairs(judge: StepJudge, problems, prefixes, candidates) -> list[list[t
 
 
 def model_completer(model, tok, cfg: BuildEFTConfig, sampling: SamplingConfig, max_new_tokens: int, stop_at_step: bool):
-    """``complete([(question, steps so far), ...], k) -> [[k completions], ...]`` with the model, batched."""
+    """``complete([(question, steps so far), ...], k) -> [[k completions], ...]`` with the model, batched: one
+    step each (``stop_at_step``), or whole rollouts stopped at the line of their first answer (what the
+    grader reads; text after it could box another answer)."""
 
     def complete(items, k):
         prompts = [render_prompt(tok, q, steps) for q, steps in items]
         return generate(model, tok, prompts, sampling, max_new_tokens, cfg.batch_size, num_samples=k,
-                        stop_at_step=stop_at_step, progress=False)
+                        stop_at_step=stop_at_step, stop_at_answer=not stop_at_step, progress=False)
 
     return complete
 
@@ -207,13 +211,14 @@ def select_pairs(steps: list[dict], cfg: BuildEFTConfig, rng: random.Random) -> 
                    and s["candidates"][i].strip() != s["candidates"][j].strip()]
         rng.shuffle(options)
         chosen, used_wrong, used_text = [], set(), set()
-        for i, j in sorted(options, key=lambda ij: ij[1] in used_wrong):  # different wrong steps first
-            key = (s["candidates"][i].strip(), s["candidates"][j].strip())
-            if key in used_text or len(chosen) >= cfg.pairs_per_step:
-                continue
-            chosen.append((i, j))
-            used_wrong.add(j)
-            used_text.add(key)
+        for new_wrong_only in (True, False):  # pairs with a wrong step not used yet first, then any
+            for i, j in options:
+                key = (s["candidates"][i].strip(), s["candidates"][j].strip())
+                if key in used_text or len(chosen) >= cfg.pairs_per_step or (new_wrong_only and key[1] in used_wrong):
+                    continue
+                chosen.append((i, j))
+                used_wrong.add(key[1])
+                used_text.add(key)
         for i, j in chosen:
             right, wrong = s["candidates"][i], s["candidates"][j]
             groups[(s["step_index"], ending(right, wrong))].append({**s, "right": right, "wrong": wrong, "ij": [i, j]})
@@ -260,16 +265,18 @@ def run_build_eft(cfg: BuildEFTConfig, model=None, tokenizer=None, progress: boo
     from psr.models import load_model
 
     out = Path(cfg.out)
-    chunk_dir = out.parent / f"{out.name}.chunks"
-    chunk_dir.mkdir(parents=True, exist_ok=True)
     task = make_task(cfg.task)
-    kwargs = {"offset": cfg.offset} if cfg.task.name != "arithmetic" else {"seed": cfg.seed}
     if cfg.annotator == "exact" and type(task).check_step is Task.check_step:
         raise ConfigError(f"annotator 'exact' needs a task that checks steps; {task.name!r} cannot: "
                           "use annotator: rollout")
-    problems = task.problems(cfg.split, cfg.limit, **kwargs)
-    chunks = [problems[i : i + cfg.chunk_size] for i in range(0, len(problems), cfg.chunk_size)]
-    todo = [c for c in range(len(chunks)) if not (chunk_dir / f"{c:05d}.jsonl").exists()]
+    problems = task.problems(cfg.split, cfg.limit, seed=cfg.seed, offset=cfg.offset)
+    # filtering and writing happen after the search, from every chunk: their settings change no chunk
+    after = ("pairs_per_step", "max_pairs", "both_orders", "justification")
+    settings = {k: v for k, v in asdict(cfg).items() if k not in after}
+    store = Chunks(out.parent / f"{out.name}.chunks", made_by(settings, cfg.model, cfg.annotator_model), problems,
+                   cfg.chunk_size, what="build-eft chunk")
+    store.prepare()
+    todo = store.pending()
     seconds = 0.0
     if todo:
         own_model = model is None
@@ -284,19 +291,18 @@ def run_build_eft(cfg: BuildEFTConfig, model=None, tokenizer=None, progress: boo
         rollout = model_completer(model, tokenizer, cfg, SamplingConfig(policy="fixed", temperature=0.7),
                                   cfg.rollout_max_new_tokens, stop_at_step=False)
         annotate_fn = annotate(task, cfg, rollout, judge)
-        bar = tqdm(total=sum(len(chunks[c]) for c in todo), desc="build-eft", unit="problem", disable=not progress,
-                   dynamic_ncols=True)
+        bar = tqdm(total=sum(len(store.chunks[c]) for c in todo), desc="build-eft", unit="problem",
+                   disable=not progress, dynamic_ncols=True)
         started = time.perf_counter()
         for c in todo:
             torch.manual_seed(cfg.seed * 1_000_003 + c)  # per-chunk seeds: a resumed build equals a straight one
-            steps = search_chunk(chunks[c], propose, annotate_fn, cfg, random.Random(f"{cfg.seed}-{c}"))
-            write_jsonl_atomic(chunk_dir / f"{c:05d}.jsonl", steps)
-            bar.update(len(chunks[c]))
+            store.save(c, search_chunk(store.chunks[c], propose, annotate_fn, cfg, random.Random(f"{cfg.seed}-{c}")))
+            bar.update(len(store.chunks[c]))
         bar.close()
         seconds = time.perf_counter() - started
         if own_model:
             release(model)
-    steps = [s for c in range(len(chunks)) for s in read_jsonl(chunk_dir / f"{c:05d}.jsonl")]
+    steps = store.rows()
     rng = random.Random(cfg.seed)
     pairs = select_pairs(steps, cfg, rng)
     rows = eft_rows(pairs, cfg, rng)

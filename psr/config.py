@@ -24,6 +24,17 @@ from pathlib import Path
 
 import yaml
 
+# Settings that change how a stage reports or how often it checkpoints, not what it computes (at any depth
+# of a config): never a config change (psr.rounds), never part of a cache's or a checkpoint's fingerprint
+# (psr.chunks, psr.train.common).
+COSMETIC_KEYS = frozenset({"progress", "report_to", "logging_steps", "logging_dir", "run_name", "log_level",
+                           "disable_tqdm", "save_steps", "save_total_limit"})
+
+
+def cosmetic_key(key: str) -> bool:
+    """Is the (possibly dotted) ``key`` a reporting setting (:data:`COSMETIC_KEYS`)?"""
+    return key.rsplit(".", 1)[-1] in COSMETIC_KEYS
+
 
 class ConfigError(ValueError):
     """A bad configuration; the message names the offending key."""

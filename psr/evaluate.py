@@ -6,8 +6,6 @@ writes a JSON file with the summary and every problem's output.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import time
 from collections import defaultdict
@@ -16,11 +14,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from psr.answers import extract_answer, is_equivalent
+from psr.answers import final_answer, flexible_answer, is_equivalent
+from psr.chunks import Chunks, made_by
 from psr.config import ConfigError, check_at_least
 from psr.distributed import broadcast, context, device_for
 from psr.engines import GenerationConfig, load_generator, loads_together, release
-from psr.files import path_identity, read_jsonl, write_json_atomic, write_jsonl_atomic
+from psr.files import write_json_atomic
 from psr.generation import cut_after_answer, generate
 from psr.sampling import SamplingConfig
 from psr.steps import render_prompt, split_steps
@@ -35,7 +34,7 @@ class EvalConfig:
     task: TaskConfig = field(default_factory=TaskConfig)  # the benchmark's problems
     split: str = "test"  # arithmetic: train or test; gsm8k/math: ignored (the file is the split)
     limit: int | None = 100  # problems to evaluate (null: all)
-    offset: int = 0  # gsm8k/math: skip the first rows (e.g. those used for training)
+    offset: int = 0  # skip the first problems (gsm8k/math: rows of the file, e.g. those used for training)
     batch_size: int = 32  # prompts per generate call
     max_new_tokens: int = 320  # per solution
     # stop each row once the line of its first \boxed{} answer ends: what is graded is the solution up to
@@ -89,11 +88,15 @@ def _eval_chunk(cfg: EvalConfig, model, tokenizer, problems, seed: int) -> list[
     rows = []
     for i, (p, outs) in enumerate(zip(problems, greedy)):
         output = outs[0]
-        pred = extract_answer(cut_after_answer(output))
+        pred = final_answer(output)  # psr's one rule: the first final answer; none is wrong
+        # the lenient reading, reported beside it (flexible_accuracy), never what "correct" means
+        flexible = flexible_answer(cut_after_answer(output))
         row = {"id": p.id, "question": p.question, "gold": p.gold, "output": output, "pred": pred,
-               "correct": is_equivalent(p.gold, pred), "n_steps": len(split_steps(output))}
+               "correct": is_equivalent(p.gold, pred), "answered": pred is not None,
+               "pred_flexible": flexible, "correct_flexible": is_equivalent(p.gold, flexible),
+               "n_steps": len(split_steps(output))}
         if sampled is not None:
-            preds = [extract_answer(cut_after_answer(s)) for s in sampled[i]]
+            preds = [final_answer(s) for s in sampled[i]]
             maj = _majority(preds)
             row.update(samples=sampled[i], sample_preds=preds,
                        sample_correct=[is_equivalent(p.gold, x) for x in preds],
@@ -103,13 +106,9 @@ def _eval_chunk(cfg: EvalConfig, model, tokenizer, problems, seed: int) -> list[
 
 
 def parts_dir(cfg: EvalConfig) -> Path | None:
-    """Where the chunks of an evaluation wait to be merged: ``<out>.parts/<hash of config and model>/``
-    (a changed config or a retrained model never picks up another's chunks); None without ``out``."""
-    if not cfg.out:
-        return None
-    key = {k: v for k, v in asdict(cfg).items() if k != "out"}
-    digest = hashlib.sha256(json.dumps([key, path_identity(cfg.model)], sort_keys=True, default=str).encode())
-    return Path(f"{cfg.out}.parts") / digest.hexdigest()[:16]
+    """Where the chunks of an evaluation wait to be merged: ``<out>.parts/``, with ``made_by.json`` (a changed
+    config or a retrained model never picks up another's chunks, see psr.chunks); None without ``out``."""
+    return Path(f"{cfg.out}.parts") if cfg.out else None
 
 
 def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True) -> dict:
@@ -121,18 +120,20 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
     chunk. Ranks other than 0 return ``{}``."""
     rank, world, barrier = context()
     task = make_task(cfg.task)
-    kwargs = {"offset": cfg.offset} if cfg.task.name != "arithmetic" else {}
-    problems = task.problems(cfg.split, cfg.limit, seed=cfg.seed, **kwargs)
+    problems = task.problems(cfg.split, cfg.limit, seed=cfg.seed, offset=cfg.offset)
     size = cfg.chunk_size or cfg.batch_size
     if size < 1:
         raise ConfigError(f"chunk_size must be >= 1 (or null), got {cfg.chunk_size}")
-    chunks = [problems[i : i + size] for i in range(0, len(problems), size)]
     parts = broadcast(parts_dir(cfg))  # rank 0's: every rank writes where it will look
     if world > 1 and parts is None:
         raise ConfigError("evaluation on several processes needs out (the ranks' results meet in files beside it)")
+    store = Chunks(parts or Path("."), made_by(asdict(cfg), cfg.model), problems, size, id_field="id",
+                   what="evaluation chunk")
     if parts is not None:
-        parts.mkdir(parents=True, exist_ok=True)
-    mine = [c for c in range(len(chunks)) if c % world == rank and not (parts and (parts / f"{c:05d}.jsonl").exists())]
+        store.prepare()
+        mine = store.pending(rank, world)
+    else:
+        mine = list(range(len(store.chunks)))
 
     started = time.perf_counter()
     in_memory = {}
@@ -140,20 +141,20 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
     if loaded:
         model, tokenizer = load_generator(cfg.model, cfg.dtype, device_for(rank), cfg.generation)
     if mine:
-        bar = tqdm(total=sum(len(chunks[c]) for c in mine), desc="eval" + (f" (rank {rank})" if world > 1 else ""),
-                   unit="problem", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(total=sum(len(store.chunks[c]) for c in mine),
+                   desc="eval" + (f" (rank {rank})" if world > 1 else ""), unit="problem", disable=not progress,
+                   dynamic_ncols=True)
         for c in mine:
-            rows = _eval_chunk(cfg, model, tokenizer, chunks[c], seed=cfg.seed * 1_000_003 + c)
+            rows = _eval_chunk(cfg, model, tokenizer, store.chunks[c], seed=cfg.seed * 1_000_003 + c)
             if parts is not None:
-                write_jsonl_atomic(parts / f"{c:05d}.jsonl", rows)
+                store.save(c, rows)
             else:
                 in_memory[c] = rows
-            bar.update(len(chunks[c]))
+            bar.update(len(store.chunks[c]))
         bar.close()
         if parts is not None:
-            timing = {"rank": rank, "seconds": time.perf_counter() - started,
-                      "problems": sum(len(chunks[c]) for c in mine)}
-            write_json_atomic(parts / f"timing.rank{rank}.json", timing)
+            store.write_timing(rank, {"rank": rank, "seconds": time.perf_counter() - started,
+                                      "problems": sum(len(store.chunks[c]) for c in mine)})
     device = str(model.device) if model is not None else device_for(rank)
     if loaded:
         release(model)
@@ -161,17 +162,19 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
     if rank != 0:
         barrier()
         return {}
-    rows = [r for c in range(len(chunks))
-            for r in (in_memory[c] if c in in_memory else read_jsonl(parts / f"{c:05d}.jsonl"))]
+    rows = [r for c in range(len(store.chunks)) for r in (in_memory[c] if c in in_memory else store.load(c))]
     seconds = time.perf_counter() - started
-    ranks = [json.loads(f.read_text()) for f in sorted(parts.glob("timing.rank*.json"))] if parts else []
+    ranks = store.timings() if parts else []
     by_difficulty = defaultdict(list)
     for p, row in zip(problems, rows):
         by_difficulty[task.difficulty(p) or "all"].append(row)
     sampled = cfg.samples > 0
 
     def summary(group: list[dict]) -> dict:
-        s = {"n": len(group), "accuracy": sum(r["correct"] for r in group) / max(1, len(group))}
+        n = max(1, len(group))
+        s = {"n": len(group), "accuracy": sum(r["correct"] for r in group) / n,
+             "answered": sum(r["answered"] for r in group) / n,  # share with a final answer at all
+             "flexible_accuracy": sum(r["correct_flexible"] for r in group) / n}
         if sampled:
             s[f"maj@{cfg.samples}"] = sum(r["maj_correct"] for r in group) / max(1, len(group))
             s[f"pass@{cfg.samples}"] = sum(any(r["sample_correct"]) for r in group) / max(1, len(group))
@@ -192,14 +195,15 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
     }
     if cfg.out:
         write_json_atomic(cfg.out, result)
-        shutil.rmtree(Path(f"{cfg.out}.parts"), ignore_errors=True)
+        shutil.rmtree(parts, ignore_errors=True)
     barrier()
     return result
 
 
 def format_table(result: dict) -> str:
     """A short plain-text table of the summary."""
-    cols = ["accuracy"] + [k for k in result if k.startswith(("maj@", "pass@"))]
+    cols = ["accuracy"] + [k for k in ("answered", "flexible_accuracy") if k in result]
+    cols += [k for k in result if k.startswith(("maj@", "pass@"))]
     cols += ["sample_accuracy"] if "sample_accuracy" in result else []
     lines = [f"{'group':<12} {'n':>5} " + " ".join(f"{c:>15}" for c in cols)]
     groups = list(result.get("by_difficulty", {}).items()) + [("all", result)]

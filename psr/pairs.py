@@ -76,7 +76,9 @@ def _pair_row(t, tokenizer, previous, chosen, rejected, s_chosen, s_rejected, sc
 
 def _srlm_pairs(t, tokenizer, cfg, round_index):
     scores = t["scores"]
-    scored = [i for i, x in enumerate(scores) if x is not None]  # an unparseable reply is no score, not a 0
+    answered = t.get("sample_answered") or [True] * len(scores)
+    # an unparseable reply is no score, not a 0; a sample without a final answer is never paired
+    scored = [i for i, x in enumerate(scores) if x is not None and answered[i]]
     if len(scored) < 2:
         return []
     best = max(scored, key=lambda i: (scores[i], -i))
@@ -109,6 +111,8 @@ def pair_stats(traces: list[dict], pairs: list[dict]) -> dict:
         "unparseable_verdicts": sum(e.get("unparseable", 0) for e in events) + sum(
             t.get("unparseable", 0) for t in traces if t.get("method") == "srlm"),
         "ties": sum(bool(e.get("tie")) for e in events),
+        # SRLM: whole-solution samples without a final answer (not scored, not paired)
+        "unanswered_samples": sum(t.get("unanswered", 0) for t in traces if t.get("method") == "srlm"),
         "tie_rate": round(sum(bool(e.get("tie")) for e in events) / len(events), 4) if events else None,
         # kept steps without a pair: filtered out (identical, empty, over max_step_tokens, below min_margin)
         # or, for the oracle, every candidate right

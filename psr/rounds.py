@@ -26,7 +26,8 @@ from typing import Literal
 
 import yaml
 
-from psr.config import ConfigError, check_at_least, from_dict, to_dict
+from psr.config import ConfigError, check_at_least, cosmetic_key, from_dict, to_dict
+from psr.disjoint import check_disjoint, round_offset
 from psr.distributed import context, fresh_state
 from psr.engines import GenerationConfig
 from psr.evaluate import EvalConfig, evaluate
@@ -226,13 +227,13 @@ def init_stage(cfg: RunConfig, run_dir: Path):
 
 def search_stage(cfg: RunConfig, method: str, r: int, start_dir: Path, out_dir: Path):
     def run():
-        offset = (r - 1) * cfg.problems_per_round if cfg.task.name != "arithmetic" else 0
         search = cfg.search
         if method == "oracle":  # the same search and pairs, judged by the task's exact step check
             search = dataclasses.replace(search, judge=dataclasses.replace(search.judge, mode="truth"))
         scfg = dataclasses.replace(search, model=model_of(start_dir), task=cfg.task, split="train",
                                    method="srlm" if method == "srlm" else "psr",
-                                   limit=cfg.problems_per_round, offset=offset, seed=cfg.seed + 1000 * r, round=r,
+                                   limit=cfg.problems_per_round, offset=round_offset(cfg, r), data_seed=cfg.seed,
+                                   seed=cfg.seed + 1000 * r, round=r,
                                    out=str(out_dir), generation=cfg.generation)
         stats = run_search(scfg)
         return {"pairs": stats.get("pairs")}
@@ -293,14 +294,9 @@ def _flatten(d, prefix=""):
     return out
 
 
-# Settings that change how a stage reports, not what it computes (at any depth), and the run's name:
-# never a config change.
-COSMETIC = {"progress", "report_to", "logging_steps", "logging_dir", "run_name", "log_level", "disable_tqdm",
-            "save_steps", "save_total_limit"}  # how often a training stage saves a checkpoint: not what it trains
-
-
 def _cosmetic(key: str) -> bool:
-    return key == "name" or key.rsplit(".", 1)[-1] in COSMETIC
+    """Reporting settings (psr.config.COSMETIC_KEYS) and the run's name: never a config change."""
+    return key == "name" or cosmetic_key(key)
 
 
 def changed_keys(old: dict, new: dict) -> list[str]:
@@ -434,16 +430,27 @@ def downstream(stages: list[Stage], i: int) -> list[Stage]:
 
 
 def forget(stage: Stage, cfg: RunConfig, keep_chunks: bool = False) -> None:
-    """Make a stage unfinished: its marker goes and, unless ``keep_chunks``, the search chunks it
-    would otherwise resume from (its own search's, or its benchmarks' test-time searches')."""
+    """Make a stage unfinished: its marker goes and, unless ``keep_chunks``, everything it would otherwise
+    resume from: search chunks (its own, or its benchmarks' test-time searches'), evaluation chunks, a
+    training's checkpoints, and init's IFT pass and EFT search."""
     stage.marker.unlink(missing_ok=True)
     if keep_chunks:
         return
+    from psr.train.common import partial_dir
+
+    caches = []
     if stage.kind == "search":
-        shutil.rmtree(stage.dir / "search_chunks", ignore_errors=True)
+        caches = [stage.dir / "search_chunks"]
     elif stage.kind == "eval":
-        for b in cfg.benchmarks:
-            shutil.rmtree(stage.dir / f"tts_{b.name}" / "search_chunks", ignore_errors=True)
+        caches = [stage.dir / f"tts_{b.name}" / "search_chunks" for b in cfg.benchmarks]
+        caches += [stage.dir / f"eval_{b.name}.json.parts" for b in cfg.benchmarks]
+    elif stage.kind == "init":
+        caches = [stage.dir / "ift_pass", stage.dir / "eft_search", partial_dir(stage.dir / "ift_pass"),
+                  partial_dir(stage.dir / "model")]
+    elif stage.kind == "train":
+        caches = [partial_dir(stage.dir / "model")]
+    for cache in caches:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def redo_damaged(stages: list[Stage], cfg: RunConfig, warn) -> list[str]:
@@ -478,17 +485,18 @@ def check_m1(cfg: RunConfig) -> None:
 
 
 def check_enough_problems(cfg: RunConfig) -> None:
-    """A data file must hold a new set of problems for every round (search offset = (round - 1) x
-    problems_per_round); fewer rows is refused up front, naming the numbers."""
+    """A data file must hold a new set of problems for every round (round r searches from
+    :func:`psr.disjoint.round_offset`); fewer rows is refused up front, naming the numbers."""
     if cfg.task.name == "arithmetic" or not cfg.methods or not cfg.rounds:
         return
     from psr.tasks import make_task
 
-    have, need = len(make_task(cfg.task).all_problems()), cfg.problems_per_round * cfg.rounds
+    have = len(make_task(cfg.task).all_problems())
+    start, need = round_offset(cfg, 1), round_offset(cfg, cfg.rounds) + cfg.problems_per_round
     if have < need:
-        raise DataError(f"{cfg.task.data} has {have} problems, but problems_per_round {cfg.problems_per_round} x "
-                        f"rounds {cfg.rounds} needs {need} (each round searches new ones): lower one of them or "
-                        "use a bigger file")
+        raise DataError(f"{cfg.task.data} has {have} problems, but the rounds search rows {start}-{need - 1} "
+                        f"(problems_per_round {cfg.problems_per_round} x rounds {cfg.rounds}, from row {start}, "
+                        "after those init trains on): lower one of them or use a bigger file")
 
 
 def read_stored_config(stored: Path) -> dict:
@@ -542,6 +550,7 @@ def _iterate(cfg: RunConfig, run_dir: str | Path | None = None, restart_from: st
         raise ConfigError(f"--restart-from {restart_from!r}: no such stage; stages are: {', '.join(ids)}")
     check_enough_problems(cfg)
     check_m1(cfg)
+    check_disjoint(cfg)
 
     stored = run_dir / "config.yaml"
     new = to_dict(cfg)

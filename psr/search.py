@@ -14,8 +14,6 @@ merged result equals a single-process run, and (b) a killed search resumes at it
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,10 +23,11 @@ import torch
 from tqdm.auto import tqdm
 
 from psr.answers import extract_answer
+from psr.chunks import Chunks, made_by
 from psr.config import ConfigError, check_at_least
 from psr.distributed import context, device_for
 from psr.engines import GenerationConfig, load_generator, loads_together, release
-from psr.files import DataError, read_jsonl, write_jsonl_atomic
+from psr.files import write_json_atomic, write_jsonl_atomic
 from psr.generation import generate
 from psr.judge import JudgeConfig, StepJudge, truth_comparison
 from psr.pairs import PairsConfig
@@ -57,7 +56,10 @@ class SearchConfig:
     method: Literal["psr", "srlm"] = "psr"
     split: str = "train"
     limit: int | None = 64
-    offset: int = 0  # gsm8k/math: first row to use
+    # first problem: gsm8k/math: a row of the file; arithmetic: a position in its stream of problems. In a run
+    # (psr iterate), null: right after the problems init trained on; round r starts problems_per_round later
+    offset: int | None = None
+    data_seed: int | None = None  # arithmetic: which stream of problems (null: seed, which also seeds sampling)
     width: int = 6  # candidates per step (paper: 6)
     max_steps: int = 20  # paper: 20
     max_rollbacks: int = 3  # tie rule: how often a problem may roll back before it is given up
@@ -166,31 +168,12 @@ def _trace(s: dict, task, method: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Driver: chunks, seeds, resume, sharding across accelerate processes
 # ---------------------------------------------------------------------------------------------
-def _read_chunk(path: Path, problems) -> list[dict]:
-    """A saved chunk's traces, checked: every line parses and the chunk holds exactly its problems,
-    in order (a copy cut short is not merged as is). Raises :class:`DataError` naming the file."""
-    traces = read_jsonl(path)
-    got, want = [t.get("problem_id") for t in traces], [p.id for p in problems]
-    if got != want:
-        missing = [i for i in want if i not in got]
-        raise DataError(f"{path}: holds {len(got)} of the chunk's {len(want)} problems"
-                        + (f" (missing {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})" if missing
-                           else " (not the chunk's problems)"))
-    return traces
-
-
-def _saved_chunk_ok(chunk_dir: Path, c: int, problems) -> bool:
-    """Is chunk ``c`` saved and whole? A damaged one is named, deleted and searched again."""
-    path = chunk_dir / f"{c:05d}.jsonl"
-    if not path.exists():
-        return False
-    try:
-        _read_chunk(path, problems)
-        return True
-    except DataError as err:
-        print(f"warning: {err}; searching this chunk again", file=sys.stderr)
-        path.unlink(missing_ok=True)
-        return False
+def search_problems(cfg: SearchConfig, task=None) -> list:
+    """The problems a search config picks: ``limit`` of them from ``offset`` (a file's rows; the built-in
+    task's stream of (split, data_seed))."""
+    task = task or make_task(cfg.task)
+    seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
+    return task.problems(cfg.split, cfg.limit, seed=seed, offset=cfg.offset or 0)
 
 
 def run_search(cfg: SearchConfig, model=None, tokenizer=None, progress: bool = True) -> dict:
@@ -199,17 +182,17 @@ def run_search(cfg: SearchConfig, model=None, tokenizer=None, progress: bool = T
 
     rank, world, barrier = context()
     out = Path(cfg.out)
-    chunk_dir = out / "search_chunks"
-    chunk_dir.mkdir(parents=True, exist_ok=True)
     task = make_task(cfg.task)
     if cfg.judge.mode == "truth" and type(task).check_step is Task.check_step:
         raise ConfigError(f"search.judge.mode 'truth' needs a task that can check a step; "
                           f"task {cfg.task.name!r} cannot "
                           "(the built-in arithmetic task can)")
-    kwargs = {"offset": cfg.offset} if cfg.task.name != "arithmetic" else {}
-    problems = task.problems(cfg.split, cfg.limit, seed=cfg.seed, **kwargs)
-    chunks = [problems[i : i + cfg.chunk_size] for i in range(0, len(problems), cfg.chunk_size)]
-    mine = [c for c in range(len(chunks)) if c % world == rank and not _saved_chunk_ok(chunk_dir, c, chunks[c])]
+    problems = search_problems(cfg, task)
+    # pairs are built from the merged traces, and the round only labels them: neither changes a chunk
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("pairs", "round")}
+    store = Chunks(out / "search_chunks", made_by(settings, cfg.model), problems, cfg.chunk_size, what="search chunk")
+    store.prepare()
+    mine = store.pending(rank, world)
 
     if mine or (model is None and loads_together(cfg.generation)):
         loaded = model is None
@@ -217,28 +200,28 @@ def run_search(cfg: SearchConfig, model=None, tokenizer=None, progress: bool = T
             model, tokenizer = load_generator(cfg.model, cfg.dtype, device_for(rank), cfg.generation)
         judge = StepJudge(model, tokenizer, cfg.judge) if cfg.method == "psr" and cfg.judge.mode != "truth" else None
         started = time.perf_counter()
-        bar = tqdm(total=sum(len(chunks[c]) for c in mine), desc=f"{cfg.method} search (rank {rank})",
+        bar = tqdm(total=sum(len(store.chunks[c]) for c in mine), desc=f"{cfg.method} search (rank {rank})",
                    unit="problem", disable=not progress, dynamic_ncols=True)
         for c in mine:
             torch.manual_seed(cfg.seed * 1_000_003 + c)  # per-chunk seed: same result whatever the sharding
             if cfg.method == "psr":
-                traces = search_chunk(chunks[c], task, model_proposer(model, tokenizer, cfg), judge, cfg)
+                traces = search_chunk(store.chunks[c], task, model_proposer(model, tokenizer, cfg), judge, cfg)
             else:
                 from psr.srlm import srlm_chunk
 
-                traces = srlm_chunk(chunks[c], task, model, tokenizer, cfg)
-            write_jsonl_atomic(chunk_dir / f"{c:05d}.jsonl", traces)
-            bar.update(len(chunks[c]))
+                traces = srlm_chunk(store.chunks[c], task, model, tokenizer, cfg)
+            store.save(c, traces)
+            bar.update(len(store.chunks[c]))
         bar.close()
         if loaded:
             release(model)
         if mine:  # a rank that only loaded its engine alongside the others keeps an earlier run's timing
-            (chunk_dir / f"timing.rank{rank}.json").write_text(json.dumps({"seconds": time.perf_counter() - started}))
+            store.write_timing(rank, {"seconds": time.perf_counter() - started})
     barrier()
     if rank != 0:
         barrier()
         return {}
-    traces = [t for c in range(len(chunks)) for t in _read_chunk(chunk_dir / f"{c:05d}.jsonl", chunks[c])]
+    traces = store.rows()
     write_jsonl_atomic(out / "search.jsonl", traces)
     if tokenizer is None:
         from psr.models import load_tokenizer
@@ -248,6 +231,6 @@ def run_search(cfg: SearchConfig, model=None, tokenizer=None, progress: bool = T
     write_jsonl_atomic(out / "pairs.jsonl", pairs)
     stats = pair_stats(traces, pairs)
     stats["config"] = asdict(cfg)
-    (out / "pair_stats.json").write_text(json.dumps(stats, indent=2))
+    write_json_atomic(out / "pair_stats.json", stats)
     barrier()
     return stats

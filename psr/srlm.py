@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from psr.answers import extract_answer
+from psr.answers import final_answer
 from psr.generation import generate
 from psr.judge import token_probs
 from psr.steps import render_prompt, split_steps
@@ -85,24 +85,33 @@ class RubricJudge:
 
 
 def srlm_chunk(problems, task, model, tok, cfg) -> list[dict]:
-    """Sample ``cfg.srlm.samples`` whole solutions per problem and score them with the rubric."""
+    """Sample ``cfg.srlm.samples`` whole solutions per problem and score them with the rubric. A sample stops
+    at the line of its answer; one without a final answer (cut off at ``max_new_tokens``) is counted, not
+    scored, not paired: a cut-off text as a pair would teach the model to stop there."""
     k = cfg.srlm.samples
     prompts = [render_prompt(tok, p.question) for p in problems]
     samples = generate(model, tok, prompts, cfg.sampling, cfg.srlm.max_new_tokens, cfg.batch_size,
-                       num_samples=k, progress=False)
+                       num_samples=k, stop_at_answer=True, progress=False)
+    answered = [[final_answer(s) is not None for s in ss] for ss in samples]
     judge = RubricJudge(model, tok, cfg.srlm.judge_mode, cfg.srlm.judge_max_new_tokens, cfg.judge.batch_size)
-    scores, _ = judge.score([(p.question, s) for p, ss in zip(problems, samples) for s in ss])
+    items = [(n, i) for n, ss in enumerate(samples) for i in range(k) if answered[n][i]]
+    judged, _ = judge.score([(problems[n].question, samples[n][i]) for n, i in items]) if items else ([], 0)
+    scores = [[None] * k for _ in problems]
+    for (n, i), score in zip(items, judged):
+        scores[n][i] = score
     traces = []
     for n, (p, ss) in enumerate(zip(problems, samples)):
-        sc = scores[n * k : (n + 1) * k]
+        sc = scores[n]
         scored = [i for i in range(k) if sc[i] is not None] or list(range(k))
         best = max(scored, key=lambda i: (sc[i] if sc[i] is not None else -1, -i))
         correct = [task.check_answer(p, s) for s in ss]
         traces.append({
             "problem_id": p.id, "question": p.question, "gold": p.gold, "method": "srlm",
             "difficulty": task.difficulty(p), "status": "sampled", "rollbacks": 0,
-            "path": split_steps(ss[best]), "final_answer": extract_answer(ss[best]), "final_correct": correct[best],
-            "samples": ss, "scores": sc, "sample_correct": correct, "unparseable": sum(x is None for x in sc),
+            "path": split_steps(ss[best]), "final_answer": final_answer(ss[best]), "final_correct": correct[best],
+            "samples": ss, "scores": sc, "sample_correct": correct, "sample_answered": answered[n],
+            "unanswered": k - sum(answered[n]),
+            "unparseable": sum(sc[i] is None for i in range(k) if answered[n][i]),
             "events": [],
         })
     return traces

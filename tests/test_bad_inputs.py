@@ -100,7 +100,9 @@ def test_offset_past_the_end_names_the_numbers(tmp_path, capsys):
 def test_a_dataset_too_small_for_the_rounds_is_refused_up_front(tmp_path):
     data = _gsm8k(tmp_path / "five.jsonl", 5)
     cfg = load_config(RunConfig, TINY, {"task": {"name": "gsm8k", "data": str(data)}, "problems_per_round": 4})
-    with pytest.raises(DataError, match=r"five.jsonl has 5 problems, but problems_per_round 4 x rounds 2 needs 8"):
+    # init's IFT takes the file's first rows (the tiny recipe: 8), so the rounds would need rows 8-15
+    with pytest.raises(DataError, match=r"five.jsonl has 5 problems, but the rounds search rows 8-15 "
+                                        r"\(problems_per_round 4 x rounds 2, from row 8"):
         iterate(cfg, tmp_path / "run", progress=False)
     # nothing ran (the run lock may have made the folder)
     assert not (tmp_path / "run" / "config.yaml").exists() and not list((tmp_path / "run").rglob("*.done"))
@@ -195,7 +197,7 @@ def test_a_damaged_search_chunk_is_named_and_searched_again(tmp_path, tiny, caps
     kept = (chunks / "00002.jsonl").stat().st_mtime_ns
     run_search(cfg, model, tok, progress=False)
     err = capsys.readouterr().err
-    assert f"warning: {cut}:2: not valid JSON" in err and "searching this chunk again" in err
+    assert f"warning: {cut}:2: not valid JSON" in err and "doing this search chunk again" in err
     assert f"warning: {short}: holds 1 of the chunk's 2 problems (missing arith-train-3-00003)" in err
     assert (chunks / "00002.jsonl").stat().st_mtime_ns == kept
     assert (tmp_path / "s" / "search.jsonl").read_text() == first

@@ -172,7 +172,8 @@ def test_build_eft_end_to_end_on_tiny_random_resumes_and_feeds_init(tmp_path, ti
 def test_init_with_eft_from_search_trains_the_ift_pass_then_builds_eft_then_m1(tmp_path, capsys):
     """eft_source: search runs the whole chain inside init: IFT pass -> build-eft with its candidates ->
     M1 on IFT + the built EFT rows; a second run finds every part done and only retrains M1."""
-    from psr.config import from_dict
+    from psr.config import from_dict, to_dict
+    from psr.files import read_json
     from psr.train.sft import InitConfig, run_init
 
     cfg = from_dict(InitConfig, {
@@ -190,5 +191,98 @@ def test_init_with_eft_from_search_trains_the_ift_pass_then_builds_eft_then_m1(t
     mtime = (tmp_path / "init" / "ift_pass" / "model.safetensors").stat().st_mtime_ns
     run_init(cfg)
     assert (tmp_path / "init" / "ift_pass" / "model.safetensors").stat().st_mtime_ns == mtime
+    # the EFT search's problems come after the IFT problems of the same stream: none is an IFT problem
+    ift_ids = {r["problem_id"] for r in read_jsonl(tmp_path / "init" / "model" / "ift.jsonl")}
+    eft_ids = {s["problem_id"] for s in read_jsonl(tmp_path / "init" / "eft_search" / "eft.jsonl.steps.jsonl")}
+    assert len(ift_ids) == 4 and len(eft_ids) == 2 and not ift_ids & eft_ids
+    # a changed init setting: the IFT pass is trained again and build-eft searches with the new one (the old
+    # init reused both and reported the new config)
+    capsys.readouterr()
+    run_init(from_dict(InitConfig, {**to_dict(cfg), "learning_rate": 2e-3}))
+    err = capsys.readouterr().err
+    assert "ift_pass was made by another config or model; training the IFT pass again" in err
+    assert "made by another config or model (the model); starting over" in err
+    log = read_json(tmp_path / "init" / "ift_pass" / "train_log.json")
+    assert log["config"]["learning_rate"] == 2e-3
     with pytest.raises(ConfigError, match="init_from: ift_pass needs eft_source: search"):
         from_dict(InitConfig, {"init_from": "ift_pass"})
+
+
+def test_rollouts_are_graded_at_their_first_answer(problem):
+    """A scripted rollout boxes a wrong answer, then a right one: the step it follows reaches nothing (the
+    old grader read the last \\boxed{} of solution + rollout and labelled a wrong step right). A rollout
+    that never answers reaches nothing either."""
+    gold = problem.gold
+    wrong_then_right = f"Step 2: so \\boxed{{{int(gold) + 1}}}\nStep 3: no wait, \\boxed{{{gold}}}"
+    no_answer = "Step 2: then we add the rest and get"
+
+    def complete(items, k):
+        return [[wrong_then_right, no_answer][:k] for _ in items]
+
+    cands = [["Step 1: 1 + 1 = 3.", "Step 1: 2 + 2 = 4."]]
+    labels, shares = rollout_labels(ArithmeticTask(), complete, [problem], [[]], cands, BuildEFTConfig(rollouts=2))
+    assert shares == [[0.0, 0.0]] and labels == [[False, False]]
+
+
+def test_rollouts_stop_at_their_answer_line(tiny):
+    """build-eft's completer asks the engine to stop each rollout at its answer line (as evaluation does)."""
+    from psr.build_eft import model_completer
+    from psr.sampling import SamplingConfig
+
+    model, tok = tiny
+    calls = []
+
+    class Recorder:  # a vLLM-engine-shaped recorder of what generate is asked (the arguments, not a result)
+        is_vllm_engine = True
+
+        def generate(self, prompts, sampling, max_new_tokens, n, stop_at_step, stop_at_answer, *rest):
+            calls.append((stop_at_step, stop_at_answer))
+            return [["x"] * n for _ in prompts]
+
+    cfg = BuildEFTConfig()
+    model_completer(Recorder(), tok, cfg, SamplingConfig(), 8, stop_at_step=False)([("q", [])], 2)
+    model_completer(Recorder(), tok, cfg, SamplingConfig(), 8, stop_at_step=True)([("q", [])], 2)
+    assert calls == [(False, True), (True, False)]
+
+
+def test_two_pairs_of_a_step_use_two_different_wrong_steps():
+    """Two right and two wrong candidates: the two pairs kept must not share their wrong step (the old sort
+    read a set that was still empty, so about a third of draws did)."""
+    step = {"problem_id": "p", "question": "q", "gold": "1", "step_index": 0, "previous_steps": [],
+            "candidates": ["Step 1: R1", "Step 1: R2", "Step 1: W1", "Step 1: W2"],
+            "labels": [True, True, False, False],
+            "rollout_shares": None, "pairs": [(0, 2), (0, 3), (1, 2), (1, 3)]}
+    for seed in range(30):
+        picked = select_pairs([step], BuildEFTConfig(pairs_per_step=2), random.Random(seed))
+        assert len({p["wrong"] for p in picked}) == 2, seed
+
+
+def test_build_ift_limit_is_a_range_of_rows_and_says_where_the_next_stage_starts(tmp_path):
+    data = tmp_path / "gsm.jsonl"
+    rows = [{"question": f"Q{i}?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(6)]
+    rows[1]["answer"] = "no gold"  # skipped, and still counted as read
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = BuildIFTConfig(task=TaskConfig(name="gsm8k", data=str(data)), offset=1, limit=3,
+                         out=str(tmp_path / "i.jsonl"))
+    stats = run_build_ift(cfg)
+    assert stats["rows"] == 2 and stats["rows_read"] == [1, 4] and stats["next_offset"] == 4
+    assert [r["question"] for r in read_jsonl(tmp_path / "i.jsonl")] == ["Q2?", "Q3?"]
+    with pytest.raises(DataError, match="offset 6 is past the end"):
+        run_build_ift(BuildIFTConfig(task=TaskConfig(name="gsm8k", data=str(data)), offset=6, out=str(tmp_path / "j")))
+
+
+def test_build_eft_reuses_chunks_only_from_the_same_config_and_model(tmp_path, tiny, capsys):
+    """Run again into the same out with another width: every chunk is searched again (said in one line), and
+    the saved steps hold candidates of the new width (the old build reused the width-2 chunks)."""
+    model, tok = tiny
+    cfg = BuildEFTConfig(model="tiny-random", task=TaskConfig(name="arithmetic", min_steps=2, max_steps=2), limit=2,
+                         width=2, max_steps=2, max_step_tokens=6, chunk_size=1, out=str(tmp_path / "eft.jsonl"))
+    run_build_eft(cfg, model, tok, progress=False)
+    wider = BuildEFTConfig(**{**cfg.__dict__, "width": 3})
+    run_build_eft(wider, model, tok, progress=False)
+    assert "made by another config or model (width); starting over" in capsys.readouterr().err
+    assert {len(s["candidates"]) for s in read_jsonl(tmp_path / "eft.jsonl.steps.jsonl")} == {3}
+    # settings used only after the search (filtering) keep the chunks
+    mtime = (tmp_path / "eft.jsonl.chunks" / "00000.jsonl").stat().st_mtime_ns
+    run_build_eft(BuildEFTConfig(**{**wider.__dict__, "pairs_per_step": 1}), model, tok, progress=False)
+    assert (tmp_path / "eft.jsonl.chunks" / "00000.jsonl").stat().st_mtime_ns == mtime

@@ -54,7 +54,7 @@ def test_two_processes_shard_evaluation_and_test_time_search_like_one(tmp_path):
     assert not list(two.glob("*.parts"))  # the chunks were merged and removed
 
 
-def test_killed_evaluation_resumes_at_its_first_unsaved_chunk(tmp_path, tiny, monkeypatch):
+def test_killed_evaluation_resumes_at_its_first_unsaved_chunk(tmp_path, tiny, monkeypatch, capsys):
     import psr.evaluate as ev
 
     model, tok = tiny
@@ -79,9 +79,16 @@ def test_killed_evaluation_resumes_at_its_first_unsaved_chunk(tmp_path, tiny, mo
     assert len(calls) == 1  # only the unsaved chunk was evaluated again
     assert _without(resumed) == _without(straight)
     assert not Path(f"{cfg.out}.parts").exists()
-    # a different config never picks up another's chunks
+    # a different config never picks up another's chunks: they are named and done again
+    with pytest.raises(KeyboardInterrupt):
+        calls.clear()
+        ev.evaluate(cfg, model, tok, progress=False)  # two chunks saved again, then killed
     other = ev.EvalConfig(**{**cfg.__dict__, "max_new_tokens": 9})
-    assert ev.parts_dir(other) != ev.parts_dir(cfg)
+    calls.clear()
+    monkeypatch.setattr(ev, "_eval_chunk", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ev.evaluate(other, model, tok, progress=False)
+    assert len(calls) == 3  # every chunk evaluated under the new config
+    assert "made by another config or model (max_new_tokens); starting over" in capsys.readouterr().err
 
 
 def test_process_group_timeout_is_a_setting(tmp_path, monkeypatch):

@@ -38,8 +38,9 @@ def _artifacts(run_dir: Path) -> dict:
     out = {}
     for path in sorted(run_dir.rglob("*")):
         rel = str(path.relative_to(run_dir))
+        # made_by.json holds the model's file times (what made a cache), not a result
         if path.is_dir() or "tensorboard" in rel or rel.endswith((".done", ".png", "report.md", "train_log.json")) \
-                or "timing" in rel or "config.yaml" == rel:
+                or "timing" in rel or "config.yaml" == rel or path.name == "made_by.json":
             continue
         if path.suffix == ".json":
             out[rel] = _without_paths_and_timings(json.loads(path.read_text()))

@@ -418,11 +418,27 @@ def test_srlm_baseline_on_tiny_random(tmp_path, tiny):
     cfg = _tiny_search_cfg(tmp_path / "srlm", method="srlm", srlm={"samples": 3, "max_new_tokens": 16})
     stats = run_search(cfg, model, tok, progress=False)
     traces = [json.loads(line) for line in (tmp_path / "srlm" / "search.jsonl").open()]
-    assert all(len(t["samples"]) == 3 and len(t["scores"]) == 3 and all(0 <= s <= 5 for s in t["scores"])
-               for t in traces)
+    # a sample with a final answer is scored 0-5; one without (tiny-random never answers) is counted, not scored
+    assert all(len(t["samples"]) == 3 and len(t["scores"]) == 3 and len(t["sample_answered"]) == 3 for t in traces)
+    assert all((s is not None and 0 <= s <= 5) == a for t in traces for s, a in zip(t["scores"], t["sample_answered"]))
+    assert stats["unanswered_samples"] == sum(not a for t in traces for a in t["sample_answered"])
     pairs = [json.loads(line) for line in (tmp_path / "srlm" / "pairs.jsonl").open()]
     assert len(pairs) == stats["pairs"]
     assert all(p["kind"] == "solution" and p["chosen_score"] > p["rejected_score"] for p in pairs)
+
+
+def test_srlm_never_pairs_a_sample_without_a_final_answer(tiny):
+    """Scripted samples: the best-scored one was cut off at max_new_tokens; it must not become 'chosen' (a
+    cut-off text as a pair teaches the model to stop there), and it is never 'rejected' either."""
+    from psr.pairs import build_pairs
+
+    _, tok = tiny
+    samples = ["Step 1: 3 + 4 = 7\nStep 2: 7 * 2 =", "Step 1: 3 + 4 = 7\nStep 2: 7 * 2 = 14 \\boxed{14}",
+               "Step 1: 3 + 4 = 8\nStep 2: 8 * 2 = 16 \\boxed{16}", "Step 1: 3 * 4 ="]
+    trace = {"problem_id": "p", "question": "q?", "method": "srlm", "samples": samples, "scores": [5.0, 4.0, 1.0, 0.0],
+             "sample_answered": [False, True, True, False], "sample_correct": [False, True, False, False]}
+    pairs = build_pairs([trace], tok)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [(samples[1], samples[2])]
 
 
 def test_pairs_are_accepted_by_trl_dpo_trainer(tmp_path, tiny):

@@ -104,9 +104,12 @@ class VLLMEngine:
         # Each request gets its own seed, drawn from torch's RNG, which a search seeds per chunk: the same
         # candidates on every run whatever vLLM's scheduling (the global generator's draws would follow the
         # batch's make-up, which prefix-cache hits change), as with HF.
-        base = int(torch.randint(0, 2**31 - 1, ()).item())
+        # vLLM seeds a request's k-th sample seed + k, so prompt i takes seeds base + i*n .. base + i*n + n - 1:
+        # no two samples of a call share a stream (base + i did: prompt i's 2nd sample was prompt i+1's 1st),
+        # and a 62-bit base makes two calls' ranges meeting practically impossible.
+        base = int(torch.randint(0, 2**62, ()).item())
         stop = "step" if stop_at_step else "answer" if stop_at_answer else None
-        params = [self._params(sampling, stop, n=num_samples, max_tokens=max_new_tokens, seed=base + i)
+        params = [self._params(sampling, stop, n=num_samples, max_tokens=max_new_tokens, seed=base + i * num_samples)
                   for i in range(len(prompts))]
         outs = self.llm.generate(self._ids(prompts), params, use_tqdm=progress)
         cut = cut_at_step_boundary if stop_at_step else (cut_after_answer if stop_at_answer else None)

@@ -26,7 +26,7 @@ from typing import ClassVar, Literal
 import torch
 from transformers import TrainerCallback
 
-from psr.config import ConfigError, check_value
+from psr.config import ConfigError, check_value, cosmetic_key
 from psr.distributed import timeout_seconds
 from psr.files import path_identity, write_json_atomic
 
@@ -384,9 +384,6 @@ def prepare_output(cfg: TrainSettings) -> None:
 # ---- resuming a killed training stage ---------------------------------------------------------
 RESUME_FILE = "psr_resume.json"  # in the partial directory: what its checkpoints were trained on
 SHARED_DATA_DIR = "psr_data"  # in the partial directory: datasets every rank reads (see step_dpo)
-# Settings that change how a stage reports or how often it saves, not what it trains: a run killed
-# and started again with another value still resumes.
-NOT_IN_FINGERPRINT = {"progress", "report_to", "logging_steps", "logging_dir", "save_steps", "save_total_limit"}
 TRL_NOT_IN_FINGERPRINT = ("save_", "logging_", "resume_from_checkpoint", "run_name", "report_to", "disable_tqdm",
                           "ddp_timeout", "dataloader_num_workers", "push_to_hub", "hub_")
 
@@ -394,7 +391,9 @@ TRL_NOT_IN_FINGERPRINT = ("save_", "logging_", "resume_from_checkpoint", "run_na
 def training_fingerprint(cfg: TrainSettings, rows: list[dict]) -> str:
     """What a checkpoint must have been trained on to be resumed: the config (reporting left out), the
     training rows, the starting (and reference) model's files and the number of processes."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_FINGERPRINT}
+    # reporting and checkpoint frequency (COSMETIC_KEYS) are left out: a killed run started again with
+    # another value still resumes
+    settings = {k: v for k, v in asdict(cfg).items() if not cosmetic_key(k)}
     settings["trl"] = {k: v for k, v in cfg.trl.items() if not k.startswith(TRL_NOT_IN_FINGERPRINT)}
     models = [path_identity(cfg.model), path_identity(getattr(cfg, "ref_model", None))]
     h = hashlib.sha256(json.dumps([settings, models, world_size()], sort_keys=True, default=str).encode())

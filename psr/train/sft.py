@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
 from psr.build_eft import BuildEFTConfig
+from psr.chunks import made_by
+from psr.files import read_json
 from psr.judge import JUDGE_PROMPT, judge_messages, judge_reply
 from psr.steps import STEP_MARKER_RE, format_solution, render_prompt, step_prefix
 from psr.tasks import DataError, TaskConfig, make_task
@@ -139,7 +142,7 @@ def read_ift_file(path: str, tokenizer, limit: int | None = None) -> list[dict]:
             else:
                 raise DataError(f"{where}: missing field 'answer' (or 'steps')")
             rows.append({"prompt": render_prompt(tokenizer, row["question"].strip()),
-                         "completion": format_solution(steps), "source": "file"})
+                         "completion": format_solution(steps), "question": row["question"].strip(), "source": "file"})
         if limit is not None and len(rows) >= limit:
             break
     return rows
@@ -160,7 +163,7 @@ def build_ift(cfg: InitConfig, tokenizer) -> list[dict]:
             raise DataError(f"task {cfg.task.name} has no step-formatted reference solutions: give ift_data "
                             "(question/answer, question/steps or prompt/completion rows)")
         rows.append({"prompt": render_prompt(tokenizer, p.question), "completion": format_solution(p.reference_steps),
-                     "problem_id": p.id, "source": cfg.task.name})
+                     "problem_id": p.id, "question": p.question, "source": cfg.task.name})
     return rows
 
 
@@ -298,6 +301,29 @@ def eft_source(cfg: InitConfig) -> str:
     return cfg.eft_source or ("file" if cfg.eft_data else "corruptions")
 
 
+def ift_from_task(cfg: InitConfig) -> int:
+    """How many of the task's problems, from the first, the IFT rows are made of (0 with ``ift_data``)."""
+    if cfg.ift_data or cfg.ift_examples == 0:
+        return 0
+    if cfg.ift_examples is None:  # as build_ift reads it: the task's default (arithmetic: 100), a file: every row
+        return 100 if cfg.task.name == "arithmetic" else 10**9
+    return cfg.ift_examples
+
+
+def eft_search_offset(cfg: InitConfig) -> int:
+    """Where the EFT search's problems start: after the IFT problems when both come from the task, so that the
+    judge never learns from candidates of a policy fine-tuned on those very solutions."""
+    return cfg.eft_search.offset + ift_from_task(cfg)
+
+
+def task_problems_used(cfg: InitConfig) -> int:
+    """How many of the task's problems (from the first) init trains on: the rounds search after them."""
+    used = ift_from_task(cfg)
+    if eft_source(cfg) == "search":
+        used = max(used, eft_search_offset(cfg) + (cfg.eft_search.limit or 0))
+    return used
+
+
 def search_eft(cfg: InitConfig, callbacks: list | None = None) -> tuple[InitConfig, dict]:
     """``eft_source: search``: the IFT pass (if asked for), then build-eft with its candidates, next to
     ``cfg.out`` (``ift_pass/``, ``eft_search/``); each part is skipped when it is already there, so a
@@ -308,14 +334,21 @@ def search_eft(cfg: InitConfig, callbacks: list | None = None) -> tuple[InitConf
     searcher = cfg.model
     if cfg.eft_search_model == "ift_pass":
         ift_dir = base / "ift_pass"
-        if not (ift_dir / "train_log.json").exists():  # written last by the atomic save
-            ift_only = dataclasses.replace(cfg, eft_source="corruptions", eft_examples=0, out=str(ift_dir),
-                                           max_steps=-1)
-            _train(ift_only, callbacks)
+        ift_only = dataclasses.replace(cfg, eft_source="corruptions", eft_examples=0, out=str(ift_dir), max_steps=-1)
+        # reused only when the same settings and starting model made it (train_log.json is written last)
+        stamp = made_by(dataclasses.asdict(ift_only), cfg.model)
+        made = read_json(ift_dir / "train_log.json").get("made_by") if (ift_dir / "train_log.json").exists() else None
+        if made != stamp:
+            if ift_dir.exists():
+                print(f"note: {ift_dir} was made by another config or model; training the IFT pass again",
+                      file=sys.stderr)
+                shutil.rmtree(ift_dir)
+            _train(ift_only, callbacks, {"made_by": stamp})
         searcher = str(ift_dir)
     out = base / "eft_search" / "eft.jsonl"
     stats = run_build_eft(dataclasses.replace(cfg.eft_search, model=searcher, task=cfg.task, seed=cfg.data_seed,
-                                              template=cfg.judge_template, out=str(out)))
+                                              offset=eft_search_offset(cfg), template=cfg.judge_template,
+                                              out=str(out)))
     if not stats["rows"]:
         print(f"init: build-eft found no right-vs-wrong pair in {stats['candidates']} candidates "
               f"({stats['labels']}); M1 trains on IFT rows only", file=sys.stderr)
@@ -326,11 +359,12 @@ def search_eft(cfg: InitConfig, callbacks: list | None = None) -> tuple[InitConf
     return final, stats
 
 
-def _train(cfg: InitConfig, callbacks: list | None = None) -> dict:
+def _train(cfg: InitConfig, callbacks: list | None = None, extra: dict | None = None) -> dict:
     prepare_output(cfg)
     trainer = build_trainer(cfg, callbacks)
     data = trainer.psr_data
-    return train_and_save(cfg, trainer, {"examples": {"ift": len(data["ift"]), "eft": len(data["eft"])}},
+    examples = {"ift": len(data["ift"]), "eft": len(data["eft"])}
+    return train_and_save(cfg, trainer, {"examples": examples, **(extra or {})},
                           extra_files={"ift.jsonl": data["ift"], "eft.jsonl": data["eft"]})
 
 
