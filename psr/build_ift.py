@@ -25,8 +25,10 @@ from psr.tasks.jsonl import gsm8k_reference_steps, read_rows
 @dataclass
 class BuildIFTConfig:
     task: TaskConfig = field(default_factory=TaskConfig)  # arithmetic, or gsm8k/math with task.data (path or hub id)
-    limit: int | None = None  # rows (problems) to write; null = all (arithmetic: 400)
-    offset: int = 0  # gsm8k/math: skip this many rows first (keep held-out rows out of training)
+    # rows (problems) to read, from offset: the range [offset, offset + limit) of the file, whatever is skipped
+    # in it (so the next stage can start at next_offset, see the stats); null = all (arithmetic: 400)
+    limit: int | None = None
+    offset: int = 0  # skip this many rows (arithmetic: problems of its stream) first: keep other stages' rows out
     split: str = "train"  # arithmetic only
     seed: int = 0  # arithmetic only
     max_steps: int = 20  # a solution cut into more steps is skipped (counted)
@@ -77,20 +79,24 @@ def math_reference_steps(solution: str, long_paragraph: int = 300) -> list[str]:
     return [step_prefix(i + 1) + s for i, s in enumerate(steps)]
 
 
-def ift_rows(cfg: BuildIFTConfig) -> tuple[list[dict], Counter]:
-    """(rows, skipped reasons) for the configured task."""
+def ift_rows(cfg: BuildIFTConfig) -> tuple[list[dict], Counter, int]:
+    """(rows, skipped reasons, the first row not read) for the configured task."""
     skipped: Counter = Counter()
     rows = []
     if cfg.task.name == "arithmetic":
         task = make_task(cfg.task)
-        for p in task.problems(cfg.split, cfg.limit or 400, seed=cfg.seed):
+        for p in task.problems(cfg.split, cfg.limit or 400, seed=cfg.seed, offset=cfg.offset):
             rows.append({"question": p.question, "steps": p.reference_steps, "answer": p.gold, "problem_id": p.id,
                          "source": "arithmetic"})
-        return rows, skipped
+        return rows, skipped, cfg.offset + len(rows)
     if not cfg.task.data:
         raise DataError(f"build-ift: task {cfg.task.name} needs task.data (a JSONL path or a hub id)")
     qf, af = cfg.task.question_field, cfg.task.answer_field
-    for lineno, row in read_rows(cfg.task.data)[cfg.offset :]:
+    everything = read_rows(cfg.task.data)
+    if cfg.offset >= len(everything):
+        raise DataError(f"build-ift: offset {cfg.offset} is past the end of {cfg.task.data} ({len(everything)} rows)")
+    read = everything[cfg.offset : None if cfg.limit is None else cfg.offset + cfg.limit]
+    for lineno, row in read:
         question, answer = row.get(qf), row.get(af)
         if not isinstance(question, str) or not question.strip():
             skipped[f"missing or empty field '{qf}'"] += 1
@@ -117,18 +123,18 @@ def ift_rows(cfg: BuildIFTConfig) -> tuple[list[dict], Counter]:
             continue
         rows.append({"question": question.strip(), "steps": steps, "answer": gold,
                      "problem_id": f"{cfg.task.name}-{lineno:05d}", "source": cfg.task.data})
-        if cfg.limit is not None and len(rows) >= cfg.limit:
-            break
-    return rows, skipped
+    return rows, skipped, cfg.offset + len(read)
 
 
 def run_build_ift(cfg: BuildIFTConfig) -> dict:
     """Write ``cfg.out`` (and ``<out>.stats.json``); returns the stats."""
-    rows, skipped = ift_rows(cfg)
+    rows, skipped, next_offset = ift_rows(cfg)
     if not rows:
         raise DataError(f"build-ift: no usable rows in {cfg.task.data or cfg.task.name} (skipped: {dict(skipped)})")
     write_jsonl_atomic(cfg.out, rows)
     mean_steps = round(sum(len(r["steps"]) for r in rows) / len(rows), 2)
-    stats = {"rows": len(rows), "skipped": dict(skipped), "mean_steps": mean_steps, "out": cfg.out}
+    # rows [offset, next_offset) were read: the next stage (build-eft, the rounds' search.offset) starts after them
+    stats = {"rows": len(rows), "skipped": dict(skipped), "mean_steps": mean_steps,
+             "rows_read": [cfg.offset, next_offset], "next_offset": next_offset, "out": cfg.out}
     write_json_atomic(f"{cfg.out}.stats.json", stats)
     return stats

@@ -234,7 +234,9 @@ def cmd_build_ift(cfg, args) -> int:
 
     stats = run_build_ift(cfg)
     print(f"wrote {stats['rows']} IFT rows ({stats['mean_steps']} steps each on average) to {cfg.out}; "
-          f"skipped {sum(stats['skipped'].values())}: {stats['skipped'] or 'none'}")
+          f"skipped {sum(stats['skipped'].values())}: {stats['skipped'] or 'none'}; read rows "
+          f"{stats['rows_read'][0]}-{stats['next_offset'] - 1}: start the next stage at --offset "
+          f"{stats['next_offset']}")
     return 0
 
 

@@ -133,11 +133,15 @@ class ArithmeticTask(Task):
         h = int(hashlib.sha1(question.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
         return "test" if h < self.test_fraction else "train"
 
-    def problems(self, split: str = "test", limit: int | None = None, seed: int = 0) -> list[Problem]:
-        """``limit`` problems of ``split``, spread evenly over the step counts, reproducible per seed."""
+    def problems(self, split: str = "test", limit: int | None = None, seed: int = 0, offset: int = 0) -> list[Problem]:
+        """``limit`` problems of ``split``, spread evenly over the step counts, reproducible per seed: positions
+        ``offset`` to ``offset + limit`` of the one stream of distinct problems of (split, seed), so that two
+        uses of the same stream at different offsets never share a problem (as two ranges of rows of a file)."""
         if split not in ("train", "test"):
             raise ValueError(f"arithmetic task: split must be 'train' or 'test', got {split!r}")
-        limit = 100 if limit is None else limit
+        if offset < 0:
+            raise ValueError(f"arithmetic task: offset must be >= 0, got {offset}")
+        limit = (100 if limit is None else limit) + offset
         counts = list(range(self.min_steps, self.max_steps + 1))
         rng = random.Random(f"arithmetic-{split}-{seed}")
         out, seen = [], set()
@@ -153,7 +157,7 @@ class ArithmeticTask(Task):
             seen.add(p.question)
             p.id = f"arith-{split}-{seed}-{len(out):05d}"
             out.append(p)
-        return out
+        return out[offset:]
 
     def difficulty(self, problem: Problem) -> str | None:
         return problem.meta.get("difficulty")

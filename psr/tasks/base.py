@@ -21,7 +21,9 @@ class Problem:
 class Task:
     name = "task"
 
-    def problems(self, split: str = "test", limit: int | None = None, seed: int = 0) -> list[Problem]:
+    def problems(self, split: str = "test", limit: int | None = None, seed: int = 0, offset: int = 0) -> list[Problem]:
+        """``limit`` problems from position ``offset`` on (a file's rows; the built-in task's stream of
+        (split, seed)). Two ranges that do not overlap share no problem."""
         raise NotImplementedError
 
     def check_answer(self, problem: Problem, solution: str) -> bool:
