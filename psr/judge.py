@@ -92,7 +92,10 @@ def token_probs(model, hidden: torch.Tensor, token_ids: list[int]) -> torch.Tens
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class JudgeConfig:
-    mode: Literal["logits", "generate", "truth"] = "logits"  # truth: the task's step check (a control, not PSR)
+    # logits / generate: the paper's judge (the model asked which step is better). truth: the task's step check
+    # (a control, not PSR). consistency / likelihood: self-judges beyond the paper, no ground truth and no judge
+    # question (psr.self_judges): agreement of each candidate's rollouts, or the policy's probability of it
+    mode: Literal["logits", "generate", "truth", "consistency", "likelihood"] = "logits"
     # agree: i beats j only if both orders (i as A, i as B) prefer i; sum: P(i wins) summed over both orders > 1
     aggregation: Literal["agree", "sum"] = "agree"
     # sum: i beats j only when its summed strength P(i|i first) + P(i|i second) - 1, in [-1, 1], exceeds this.
@@ -104,10 +107,15 @@ class JudgeConfig:
     template: str | None = None  # override JUDGE_PROMPT (fields: question, previous, step_a, step_b)
     max_new_tokens: int = 96  # generate mode: room for a short justification + verdict
     batch_size: int = 32  # judge prompts per forward pass / generate call
+    consistency_rollouts: int = 4  # consistency: completions from each candidate
+    consistency_max_new_tokens: int = 160  # consistency: tokens per completion (each stops at its answer line)
+    consistency_temperature: float = 0.7  # consistency: sampling temperature of the completions
 
     def __post_init__(self):
         if not 0 <= self.tie_margin < 1:
             raise ValueError(f"tie_margin must be in [0, 1), got {self.tie_margin}")
+        if self.consistency_rollouts < 1 or self.consistency_max_new_tokens < 1:
+            raise ValueError("consistency_rollouts and consistency_max_new_tokens must be >= 1")
 
 
 def summed_strength(p_a_i_first: float, p_a_j_first: float) -> float:
@@ -137,6 +145,18 @@ def truth_comparison(correct: list[bool | None]) -> Comparison:
     order_scores = {f"{i},{j}": float(wins[i][j]) + 0.5 * (wins[i][j] == wins[j][i])
                     for i in range(n) for j in range(n) if i != j}
     return Comparison(order_scores, wins, [sum(r) for r in wins], disagreements=0)
+
+
+def make_judge(model, tokenizer, cfg: JudgeConfig):
+    """The judge of ``cfg.mode``: :class:`StepJudge` (logits, generate), a self-judge of psr.self_judges
+    (consistency, likelihood), or None for truth (the caller checks steps with the task)."""
+    if cfg.mode == "truth":
+        return None
+    if cfg.mode in ("consistency", "likelihood"):
+        from psr.self_judges import ConsistencyJudge, LikelihoodJudge
+
+        return (ConsistencyJudge if cfg.mode == "consistency" else LikelihoodJudge)(model, tokenizer, cfg)
+    return StepJudge(model, tokenizer, cfg)
 
 
 class StepJudge:

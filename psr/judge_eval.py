@@ -12,10 +12,10 @@ import random
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
-from psr.config import check_at_least
+from psr.config import ConfigError, check_at_least
 from psr.engines import GenerationConfig, load_generator, release
 from psr.files import DataError, iter_jsonl, write_json_atomic
-from psr.judge import JudgeConfig, StepJudge
+from psr.judge import JudgeConfig, make_judge
 from psr.tasks import TaskConfig, make_task
 
 
@@ -65,7 +65,9 @@ def judge_eval(cfg: JudgeEvalConfig, model=None, tokenizer=None) -> dict:
         model, tokenizer = load_generator(cfg.model, dtype=cfg.dtype, gen=cfg.generation)
     pairs = (_labelled_pairs(cfg.pairs_file, cfg.limit) if cfg.pairs_file
              else heldout_step_pairs(make_task(cfg.task), cfg.limit or 200, cfg.seed))
-    judge = StepJudge(model, tokenizer, cfg.judge)
+    judge = make_judge(model, tokenizer, cfg.judge)
+    if judge is None:
+        raise ConfigError("judge-eval: mode truth is the task's own check (always right); choose a model judge")
     comps = judge.compare([(r["question"], r["previous_steps"], [r["chosen"], r["rejected"]]) for r in pairs])
     if loaded:
         release(model)
@@ -76,13 +78,14 @@ def judge_eval(cfg: JudgeEvalConfig, model=None, tokenizer=None) -> dict:
     decided = []  # pairs where the aggregated verdict clears the tie rule (what the search can act on)
     for r, c in zip(pairs, comps):
         first, second = c.order_scores["0,1"], c.order_scores["1,0"]  # right step shown as A, then as B
-        if cfg.judge.mode == "logits":
+        numeric = cfg.judge.mode != "generate"  # P(A), or a self-judge's analogue (psr.self_judges)
+        if numeric:
             says_a = [first > 0.5, second > 0.5]
         else:
             says_a = [None if v is None else v == "A" for v in (first, second)]
         right = [says_a[0] is True, says_a[1] is False]
         correct = c.wins[0][1] == 1
-        if cfg.judge.mode == "logits" and cfg.judge.aggregation == "sum":
+        if numeric and cfg.judge.aggregation == "sum":
             # the summed direction: judge.tie_margin decides whether the search may act on a verdict, not
             # which way it points (with the margin, a judge at chance would score 0 here, not 0.5)
             correct = first > second
@@ -91,7 +94,7 @@ def judge_eval(cfg: JudgeEvalConfig, model=None, tokenizer=None) -> dict:
         # P(right) summed over the orders, (generate) counts the orders that chose the right step
         by_agg["agree"].append(right[0] and right[1])
         votes = [v for v in (says_a[0], None if says_a[1] is None else not says_a[1]) if v is not None]
-        by_agg["sum"].append(first > second if cfg.judge.mode == "logits" else 2 * sum(votes) > len(votes) > 0)
+        by_agg["sum"].append(first > second if numeric else 2 * sum(votes) > len(votes) > 0)
         by_kind[r["kind"]].append(correct)
         per_order += right
         a_share += [x for x in says_a if x is not None]

@@ -29,7 +29,7 @@ from psr.distributed import context, device_for
 from psr.engines import GenerationConfig, load_generator, loads_together, release
 from psr.files import write_json_atomic, write_jsonl_atomic
 from psr.generation import generate
-from psr.judge import JudgeConfig, StepJudge, truth_comparison
+from psr.judge import JudgeConfig, make_judge, truth_comparison
 from psr.pairs import PairsConfig
 from psr.sampling import SamplingConfig
 from psr.steps import has_final_answer, render_prompt
@@ -198,7 +198,7 @@ def run_search(cfg: SearchConfig, model=None, tokenizer=None, progress: bool = T
         loaded = model is None
         if loaded:
             model, tokenizer = load_generator(cfg.model, cfg.dtype, device_for(rank), cfg.generation)
-        judge = StepJudge(model, tokenizer, cfg.judge) if cfg.method == "psr" and cfg.judge.mode != "truth" else None
+        judge = make_judge(model, tokenizer, cfg.judge) if cfg.method == "psr" else None
         started = time.perf_counter()
         bar = tqdm(total=sum(len(store.chunks[c]) for c in mine), desc=f"{cfg.method} search (rank {rank})",
                    unit="problem", disable=not progress, dynamic_ncols=True)

@@ -188,3 +188,14 @@ def test_one_engine_per_rank_under_accelerate(tmp_path):
     assert merged["ranks"] == [0, 1]  # both ranks evaluated a share
     hf = evaluate(EvalConfig(model="smollm2-135m", limit=3, chunk_size=1, max_new_tokens=48), progress=False)
     assert merged["outputs"] == [p["output"] for p in hf["problems"]]
+
+
+def test_no_two_samples_of_a_call_share_a_random_stream(engines, problems):
+    """Two identical prompts, 2 samples each: vLLM seeds a request's k-th sample seed + k, so seeding prompt i
+    with base + i made prompt 0's second sample the very text of prompt 1's first. Now all four differ."""
+    engine, _, tok = engines
+    prompt = render_prompt(tok, problems[0].question)
+    outs = generate(engine, tok, [prompt, prompt], SamplingConfig(policy="fixed", temperature=1.0),
+                    max_new_tokens=24, num_samples=2, seed=0, progress=False)
+    texts = [t for row in outs for t in row]
+    assert len(set(texts)) == 4, texts

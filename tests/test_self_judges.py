@@ -1,0 +1,45 @@
+"""Self-judges beyond the paper (psr.self_judges): scripted rollouts for the consistency score, and both
+modes through the real search on tiny-random (ties, rollbacks and pairs as with the LLM judge)."""
+
+import pytest
+
+from psr.judge import JudgeConfig, make_judge
+from psr.self_judges import ConsistencyJudge, LikelihoodJudge, consensus, consistency_scores, score_comparison
+
+
+def test_consistency_scores_are_shares_of_rollouts_reaching_the_consensus():
+    cands = ["Step 1: 3 + 4 = 7.", "Step 1: 3 + 4 = 8.", "Step 1: so the total is \\boxed{14}", "Step 1: hmm", ""]
+    rollouts = [
+        ["Step 2: 7 * 2 = 14 \\boxed{14}", "Step 2: 7 * 2 = 14 \\boxed{14}", "Step 2: \\boxed{15}"],
+        ["Step 2: 8 * 2 = 16 \\boxed{16}", "Step 2: \\boxed{14}", "Step 2: 8 * 2 = 16 \\boxed{16}"],
+        None,  # gives the answer itself
+        ["Step 2: and then", "Step 2: more", "Step 2: \\boxed{14} and later \\boxed{16}"],  # first answer counts
+        [],  # empty candidate: no rollouts
+    ]
+    scores, top = consistency_scores(cands, rollouts)
+    assert top == "14"
+    assert scores == pytest.approx([2 / 3, 1 / 3, 1.0, 1 / 3, 0.0])
+    assert consensus([None, "1/2", "0.5", "3"]) == "1/2"  # equivalent answers are one group
+    assert consistency_scores(["a", "b"], [["no answer"], ["none"]]) == ([0.0, 0.0], None)  # nothing reached: tie
+
+
+def test_score_comparison_ties_within_the_margin():
+    comp = score_comparison([0.75, 0.5, 0.25], tie_margin=0.3)
+    assert comp.wins == [[0, 0, 1], [0, 0, 0], [0, 0, 0]] and comp.scores == [1, 0, 0]
+    assert comp.order_scores["0,2"] == pytest.approx(0.75) and comp.order_scores["2,0"] == pytest.approx(0.25)
+    assert max(score_comparison([0.5, 0.5], 0.0).scores) == 0  # equal scores: the search's tie rule fires
+
+
+@pytest.mark.parametrize("mode", ["consistency", "likelihood"])
+def test_self_judges_drive_the_search_on_tiny_random(tmp_path, tiny, mode):
+    from psr.config import from_dict
+    from psr.search import SearchConfig, run_search
+
+    model, tok = tiny
+    judge = {"mode": mode, "tie_margin": 0.0, "consistency_rollouts": 2, "consistency_max_new_tokens": 8}
+    assert isinstance(make_judge(model, tok, JudgeConfig(**judge)), (ConsistencyJudge, LikelihoodJudge))
+    cfg = from_dict(SearchConfig, dict(model="tiny-random", limit=2, width=3, max_steps=2, max_step_tokens=6,
+                                       out=str(tmp_path / "s"), judge=judge))
+    stats = run_search(cfg, model, tok, progress=False)
+    assert stats["problems"] == 2 and stats["judge_in_search"]["steps"] >= 2
+    assert make_judge(model, tok, JudgeConfig(mode="truth")) is None
