@@ -97,6 +97,33 @@ class RunConfig:
         check_at_least(self, 1, "problems_per_round")
         if len({b.name for b in self.benchmarks}) != len(self.benchmarks):
             raise ValueError("benchmark names must be unique")
+        check_loop_sets(self)
+
+
+# Fields of the stage blocks that the loop sets on every stage, and from what: a value given for one would be
+# stored in config.yaml and then overwritten, so it is refused at load, naming who sets it.
+LOOP_SETS = {
+    "init": {"model": "model (M0)", "out": "the run folder (init/model)", "task": "task", "seed": "seed",
+             "data_seed": "seed", "judge_template": "search.judge.template"},
+    "search": {"model": "each round's start model", "task": "task", "split": "the loop (train)",
+               "method": "methods", "limit": "problems_per_round", "offset": "the round (new problems each round)",
+               "seed": "seed (+ 1000 x round)", "round": "the round", "out": "the run folder",
+               "generation": "generation"},
+    "train": {"model": "each round's start model", "pairs": "the round's search", "out": "the run folder",
+              "seed": "seed"},
+}
+
+
+def check_loop_sets(cfg: RunConfig) -> None:
+    """ValueError for a stage field the loop sets itself (:data:`LOOP_SETS`) given a non-default value."""
+    defaults = {f.name: f.default_factory() for f in dataclasses.fields(RunConfig) if f.name in LOOP_SETS}
+    for block, owned in LOOP_SETS.items():
+        for name, who in owned.items():
+            if getattr(getattr(cfg, block), name) != getattr(defaults[block], name):
+                raise ValueError(f"{block}.{name} is set by the loop from {who}; leave it out of psr iterate's config")
+    for i, b in enumerate(cfg.benchmarks):
+        if b.generation != GenerationConfig():
+            raise ValueError(f"benchmarks[{i}].generation is set by the loop from generation; leave it out")
 
 
 @dataclass
