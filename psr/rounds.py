@@ -34,6 +34,7 @@ from psr.files import DataError, check_safetensors, read_json, read_jsonl, write
 from psr.judge_eval import JudgeEvalConfig, judge_eval
 from psr.search import SearchConfig, run_search
 from psr.tasks import TaskConfig
+from psr.trackers import check_report_to, log_stage
 from psr.train.sft import InitConfig
 from psr.train.step_dpo import StepDPOConfig
 
@@ -88,6 +89,10 @@ class RunConfig:
     benchmarks: list[BenchmarkConfig] = field(default_factory=lambda: [BenchmarkConfig()])
     judge_eval_limit: int = 100  # held-out step pairs for the judge's accuracy (built-in arithmetic task)
     eval_m0: bool = True  # evaluate the starting model too
+    # per-round metrics (accuracy per benchmark, judge accuracy, pairs, ties, answer shares), one step per
+    # model, to these trackers: tensorboard (<run>/tensorboard/rounds/<method>), wandb. Training stages have
+    # their own (train.report_to, init.report_to)
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     # the engine of every stage that generates or judges (search, SRLM, evaluation, test-time search, judge
     # eval); the loop sets it on each of them. Training is HF's either way. vllm needs `make setup-vllm`
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -97,6 +102,7 @@ class RunConfig:
         check_at_least(self, 1, "problems_per_round")
         if len({b.name for b in self.benchmarks}) != len(self.benchmarks):
             raise ValueError("benchmark names must be unique")
+        check_report_to(self.report_to)
         check_loop_sets(self)
 
 
@@ -599,6 +605,8 @@ def _iterate(cfg: RunConfig, run_dir: str | Path | None = None, restart_from: st
             seconds = round(time.perf_counter() - started, 1)
             write_json_atomic(stage.marker, {**info, "stage": stage.id, "seconds": seconds,
                                              "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")})
+            if stage.kind == "eval":  # one step per model on the trackers' curves
+                log_stage(run_dir, cfg.name, cfg.report_to, stage.id, cfg.methods)
         barrier()
         if stop_after and stage.kind == stop_after:
             break

@@ -258,7 +258,7 @@ def test_ctrl_c_is_one_line_saying_how_to_resume(tmp_path):
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "psr.cli", "iterate", "--config", str(TINY), "--run",
-                             str(tmp_path / "run"), ], env=env, stderr=subprocess.PIPE, text=True)
+                             str(tmp_path / "run"), "--report-to", "[]"], env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (tmp_path / "run" / "m0").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
