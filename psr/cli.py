@@ -379,11 +379,12 @@ def cmd_train(cfg, args) -> int:
 
 
 def cmd_build_ift(cfg, args) -> int:
-    from psr.build_ift import run_build_ift
+    from psr.build_ift import format_skipped, run_build_ift
 
     stats = run_build_ift(cfg)
+    skipped = format_skipped(stats["skipped"], stats["skipped_lines"], cfg.task.data)
     print(f"wrote {stats['rows']} IFT rows ({stats['mean_steps']} steps each on average) to {cfg.out}; "
-          f"skipped {sum(stats['skipped'].values())}: {stats['skipped'] or 'none'}")
+          f"skipped {sum(stats['skipped'].values())}: {skipped}")
     return 0
 
 
