@@ -32,6 +32,7 @@ from psr.engines import GenerationConfig
 from psr.evaluate import EvalConfig, evaluate
 from psr.files import DataError, check_safetensors, read_json, read_jsonl, write_json_atomic, write_text_atomic
 from psr.judge_eval import JudgeEvalConfig, judge_eval
+from psr.models import ModelOptions, model_options
 from psr.search import SearchConfig, run_search
 from psr.tasks import TaskConfig
 from psr.trackers import check_report_to, log_stage
@@ -66,7 +67,7 @@ class BenchmarkConfig(EvalConfig):
 
 
 @dataclass
-class RunConfig:
+class RunConfig(ModelOptions):
     """``psr iterate``: a whole run, M0 -> init (M1) -> rounds of search -> step-DPO -> eval, per method."""
 
     name: str = "run"  # the run's folder is runs/<name> unless --run says otherwise
@@ -118,6 +119,8 @@ LOOP_SETS = {
     "train": {"model": "each round's start model", "pairs": "the round's search", "out": "the run folder",
               "seed": "seed"},
 }
+for _owned in LOOP_SETS.values():  # every stage loads its models with the run's options
+    _owned.update({k: k for k in ("revision", "trust_remote_code", "attn_implementation")})
 
 
 def check_loop_sets(cfg: RunConfig) -> None:
@@ -128,8 +131,9 @@ def check_loop_sets(cfg: RunConfig) -> None:
             if getattr(getattr(cfg, block), name) != getattr(defaults[block], name):
                 raise ValueError(f"{block}.{name} is set by the loop from {who}; leave it out of psr iterate's config")
     for i, b in enumerate(cfg.benchmarks):
-        if b.generation != GenerationConfig():
-            raise ValueError(f"benchmarks[{i}].generation is set by the loop from generation; leave it out")
+        for name, default in (("generation", GenerationConfig()), *dataclasses.asdict(ModelOptions()).items()):
+            if getattr(b, name) != default:
+                raise ValueError(f"benchmarks[{i}].{name} is set by the loop from {name}; leave it out")
 
 
 @dataclass
@@ -188,6 +192,11 @@ def model_of(stage_dir: Path) -> str:
     raise FileNotFoundError(f"no finished model stage in {stage_dir}")
 
 
+def _options(cfg: RunConfig) -> dict:
+    """The run's model options (revision, trust_remote_code, attn_implementation), set on every stage."""
+    return dataclasses.asdict(model_options(cfg))
+
+
 def eval_stage(cfg: RunConfig, model_dir_of, out_dir: Path, rank: int):
     def run():
         # Every rank evaluates its share of each benchmark (and of its test-time search); rank 0 merges
@@ -201,7 +210,7 @@ def eval_stage(cfg: RunConfig, model_dir_of, out_dir: Path, rank: int):
 
         def load(dtype):
             if dtype not in loaded:
-                loaded[dtype] = load_generator(model_name, dtype, device_for(rank), cfg.generation)
+                loaded[dtype] = load_generator(model_name, dtype, device_for(rank), cfg.generation, options=cfg)
             return loaded[dtype]
 
         for b in cfg.benchmarks:
@@ -250,7 +259,7 @@ def init_stage(cfg: RunConfig, run_dir: Path):
         if cfg.m1 is not None:  # checked up front by check_m1
             return {"model": in_run(cfg.m1, run_dir), "given": True}
         icfg = dataclasses.replace(cfg.init, model=cfg.model, out=str(out), task=cfg.task, seed=cfg.seed,
-                                   data_seed=cfg.seed, judge_template=cfg.search.judge.template)
+                                   data_seed=cfg.seed, judge_template=cfg.search.judge.template, **_options(cfg))
         log = run_init(icfg)
         return {"model": in_run(out, run_dir), "seconds_per_step": log.get("seconds_per_step")}
 
@@ -266,7 +275,7 @@ def search_stage(cfg: RunConfig, method: str, r: int, start_dir: Path, out_dir: 
         scfg = dataclasses.replace(search, model=model_of(start_dir), task=cfg.task, split="train",
                                    method="srlm" if method == "srlm" else "psr",
                                    limit=cfg.problems_per_round, offset=offset, seed=cfg.seed + 1000 * r, round=r,
-                                   out=str(out_dir), generation=cfg.generation)
+                                   out=str(out_dir), generation=cfg.generation, **_options(cfg))
         stats = run_search(scfg)
         return {"pairs": stats.get("pairs")}
 
@@ -283,7 +292,7 @@ def train_stage(cfg: RunConfig, start_dir: Path, out_dir: Path, rank: int):
             # Nothing to learn from: the round keeps its starting model and says so.
             return {"model": in_run(start, run_dir_of(out_dir)), "skipped": "no pairs in this round"}
         tcfg = dataclasses.replace(cfg.train, model=start, pairs=str(out_dir / "pairs.jsonl"),
-                                   out=str(out_dir / "model"), seed=cfg.seed)
+                                   out=str(out_dir / "model"), seed=cfg.seed, **_options(cfg))
         log = run_train(tcfg)
         return {"model": in_run(out_dir / "model", run_dir_of(out_dir)),
                 "seconds_per_step": log.get("seconds_per_step")}

@@ -31,6 +31,7 @@ from psr.engines import GenerationConfig, load_generator, loads_together, releas
 from psr.files import DataError, read_jsonl, write_jsonl_atomic
 from psr.generation import generate
 from psr.judge import JudgeConfig, StepJudge, truth_comparison
+from psr.models import ModelOptions
 from psr.pairs import PairsConfig
 from psr.sampling import SamplingConfig
 from psr.steps import has_final_answer, render_prompt
@@ -51,7 +52,7 @@ class SRLMConfig:
 
 
 @dataclass
-class SearchConfig:
+class SearchConfig(ModelOptions):
     model: str = "smollm2-135m"
     task: TaskConfig = field(default_factory=TaskConfig)
     method: Literal["psr", "srlm"] = "psr"
@@ -214,7 +215,7 @@ def run_search(cfg: SearchConfig, model=None, tokenizer=None, progress: bool = T
     if mine or (model is None and loads_together(cfg.generation)):
         loaded = model is None
         if loaded:
-            model, tokenizer = load_generator(cfg.model, cfg.dtype, device_for(rank), cfg.generation)
+            model, tokenizer = load_generator(cfg.model, cfg.dtype, device_for(rank), cfg.generation, options=cfg)
         judge = StepJudge(model, tokenizer, cfg.judge) if cfg.method == "psr" and cfg.judge.mode != "truth" else None
         started = time.perf_counter()
         bar = tqdm(total=sum(len(chunks[c]) for c in mine), desc=f"{cfg.method} search (rank {rank})",
@@ -241,9 +242,9 @@ def run_search(cfg: SearchConfig, model=None, tokenizer=None, progress: bool = T
     traces = [t for c in range(len(chunks)) for t in _read_chunk(chunk_dir / f"{c:05d}.jsonl", chunks[c])]
     write_jsonl_atomic(out / "search.jsonl", traces)
     if tokenizer is None:
-        from psr.models import load_tokenizer
+        from psr.models import load_tokenizer, model_options
 
-        tokenizer = load_tokenizer(cfg.model)
+        tokenizer = load_tokenizer(cfg.model, model_options(cfg))
     pairs = build_pairs(traces, tokenizer, cfg.pairs, round_index=cfg.round)
     write_jsonl_atomic(out / "pairs.jsonl", pairs)
     stats = pair_stats(traces, pairs)

@@ -29,6 +29,7 @@ from transformers import TrainerCallback
 from psr.config import ConfigError, check_value
 from psr.distributed import timeout_seconds
 from psr.files import path_identity, write_json_atomic
+from psr.models import ModelOptions
 
 # TRL's name -> psr's field, for the settings psr has a field for (some under a shorter, older name).
 # In a ``trl:`` block the TRL name sets psr's field, so each setting has one value.
@@ -43,7 +44,7 @@ PSR_OWNED = {"output_dir": "out (the model directory this stage writes)", "loss_
 
 
 @dataclass
-class TrainSettings:
+class TrainSettings(ModelOptions):
     """Fields every training stage has (``psr init`` and ``psr train``). Any other setting of TRL's
     trainer config goes in ``trl:`` by TRL's own name."""
 
@@ -230,9 +231,9 @@ def lora_config(cfg: TrainSettings):
 
 def load_for_training(name: str, cfg: TrainSettings):
     """(model, tokenizer) on the CPU in the training dtype; the Trainer moves it to its device."""
-    from psr.models import load_model
+    from psr.models import load_model, model_options
 
-    model, tok = load_model(name, dtype=model_dtype(cfg), device="cpu")
+    model, tok = load_model(name, dtype=model_dtype(cfg), device="cpu", options=model_options(cfg))
     model.train()
     return model, tok
 
@@ -316,9 +317,10 @@ def save_final(trainer, cfg: TrainSettings, tokenizer, log: dict,
             from peft import PeftModel
             from transformers import AutoModelForCausalLM
 
-            from psr.models import resolve_model_path
+            from psr.models import hf_kwargs, model_options, resolve_model_path
 
-            base = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model), dtype=model_dtype(cfg))
+            base = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model), dtype=model_dtype(cfg),
+                                                        **hf_kwargs(model_options(cfg)))
             merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
             merged.generation_config.pad_token_id = tokenizer.pad_token_id
             merged.save_pretrained(str(tmp))
