@@ -31,6 +31,7 @@ from psr.distributed import context, fresh_state
 from psr.engines import GenerationConfig
 from psr.evaluate import EvalConfig, evaluate
 from psr.files import DataError, check_safetensors, read_json, read_jsonl, write_json_atomic, write_text_atomic
+from psr.hub import HubConfig, pending, push_stage
 from psr.judge_eval import JudgeEvalConfig, judge_eval
 from psr.models import ModelOptions, model_options
 from psr.search import SearchConfig, run_search
@@ -94,6 +95,7 @@ class RunConfig(ModelOptions):
     # model, to these trackers: tensorboard (<run>/tensorboard/rounds/<method>), wandb. Training stages have
     # their own (train.report_to, init.report_to)
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    hub: HubConfig = field(default_factory=HubConfig)  # publish each model (with a card) and the data (off)
     # the engine of every stage that generates or judges (search, SRLM, evaluation, test-time search, judge
     # eval); the loop sets it on each of them. Training is HF's either way. vllm needs `make setup-vllm`
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -342,7 +344,7 @@ COSMETIC = {"progress", "report_to", "logging_steps", "logging_dir", "run_name",
 
 
 def _cosmetic(key: str) -> bool:
-    return key == "name" or key.rsplit(".", 1)[-1] in COSMETIC
+    return key == "name" or key.startswith("hub.") or key.rsplit(".", 1)[-1] in COSMETIC
 
 
 def changed_keys(old: dict, new: dict) -> list[str]:
@@ -598,6 +600,8 @@ def _iterate(cfg: RunConfig, run_dir: str | Path | None = None, restart_from: st
                 forget(s, cfg)  # test-time-search chunks of its eval stages too
         redo_damaged(stages, cfg, lambda line: print(line, file=sys.stderr))
         write_text_atomic(stored, yaml.safe_dump(new, sort_keys=False))
+        for done in pending(stages) if cfg.hub.push else []:  # a push an earlier start could not make
+            push_stage(cfg, run_dir, done.id, done.dir)
     barrier()
 
     for n, stage in enumerate(stages, 1):
@@ -614,8 +618,9 @@ def _iterate(cfg: RunConfig, run_dir: str | Path | None = None, restart_from: st
             seconds = round(time.perf_counter() - started, 1)
             write_json_atomic(stage.marker, {**info, "stage": stage.id, "seconds": seconds,
                                              "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")})
-            if stage.kind == "eval":  # one step per model on the trackers' curves
+            if stage.kind == "eval":  # one step per model on the trackers' curves; published when hub.push
                 log_stage(run_dir, cfg.name, cfg.report_to, stage.id, cfg.methods)
+                push_stage(cfg, run_dir, stage.id, stage.dir)
         barrier()
         if stop_after and stage.kind == stop_after:
             break
