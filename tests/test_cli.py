@@ -113,6 +113,9 @@ def test_trl_block_reaches_the_trainer_by_trls_names():
         from_dict(StepDPOConfig, {"trl": {"optim": "nope"}})
     with pytest.raises(ConfigError, match="trl.output_dir: set out"):
         from_dict(StepDPOConfig, {"trl": {"output_dir": "x"}})
+    # TRL's push would upload the .partial folder and never the final model: the hub block does it
+    with pytest.raises(ConfigError, match="trl.push_to_hub: set hub.push and hub.model_id in psr iterate"):
+        from_dict(StepDPOConfig, {"trl": {"push_to_hub": True}})
 
 
 def test_run_seed_sets_init_data_seed(tmp_path, monkeypatch):

@@ -40,7 +40,11 @@ PSR_FIELD_OF = {"num_train_epochs": "epochs", "per_device_train_batch_size": "ba
                     "weight_decay", "max_grad_norm", "gradient_checkpointing", "seed", "logging_steps", "report_to",
                     "beta", "precompute_ref_log_probs", "loss_type", "save_steps", "save_total_limit")}}
 # TrainingArguments fields psr decides itself; the message says which psr field sets them.
-PSR_OWNED = {"output_dir": "out (the model directory this stage writes)", "loss_weights": "sft_weight"}
+PSR_OWNED = {"output_dir": "out (the model directory this stage writes)", "loss_weights": "sft_weight",
+             # TRL's push would upload the stage's .partial folder under its name, never the final model, and psr's
+             # atomic save drops TRL's card: psr iterate's hub block pushes each final model with a card
+             **{k: "hub.push and hub.model_id in psr iterate (each final model, with a model card)"
+                for k in ("push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo")}}
 
 
 @dataclass
