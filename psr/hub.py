@@ -103,13 +103,15 @@ def model_card(cfg, run_dir: Path, method: str, step: int, pairs: int | None) ->
 
 
 def _model_dir(stage_dir: Path) -> Path | None:
-    from psr.rounds import model_of
+    """The model folder a finished init/train stage wrote there (None: a round without pairs, or a given M1)."""
+    folder = stage_dir / "model"
+    return folder if (folder / "config.json").exists() or (folder / "adapter_config.json").exists() else None
 
-    try:
-        path = Path(model_of(stage_dir))
-    except FileNotFoundError:
-        return None
-    return path if path.is_dir() else None
+
+def _skipped(stage_dir: Path) -> bool:
+    from psr.files import read_json
+
+    return bool(read_json(stage_dir / "train.done").get("skipped"))
 
 
 def plan_pushes(cfg, run_dir: Path, stage_id: str) -> list[ModelPush | DataPush]:
@@ -135,7 +137,7 @@ def plan_pushes(cfg, run_dir: Path, stage_id: str) -> list[ModelPush | DataPush]
     stage_dir = run_dir / group / f"round_{r}"
     pairs = read_jsonl(stage_dir / "pairs.jsonl") if (stage_dir / "pairs.jsonl").exists() else []
     folder = _model_dir(stage_dir)
-    if folder is not None and folder.resolve().is_relative_to((stage_dir / "model").resolve()):  # trained here
+    if folder is not None and (stage_dir / "train.done").exists() and not _skipped(stage_dir):
         out.append(ModelPush(f"{cfg.hub.model_id}-{group}", f"round_{r}", folder,
                              model_card(cfg, run_dir, group, r + 1, len(pairs))))
     if cfg.hub.push_data and pairs:
