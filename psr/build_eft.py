@@ -40,6 +40,7 @@ from psr.engines import GenerationConfig, load_generator, release
 from psr.files import write_json_atomic, write_jsonl_atomic
 from psr.generation import generate
 from psr.judge import JudgeConfig, StepJudge
+from psr.models import ModelOptions
 from psr.sampling import SamplingConfig
 from psr.steps import format_solution, has_final_answer, render_prompt
 from psr.tasks import TaskConfig, make_task
@@ -47,7 +48,7 @@ from psr.tasks.base import Task
 
 
 @dataclass
-class BuildEFTConfig:
+class BuildEFTConfig(ModelOptions):
     model: str = "smollm2-135m"  # whose candidates: the model being initialised (or its IFT-only pass)
     task: TaskConfig = field(default_factory=TaskConfig)
     split: str = "train"  # arithmetic: train/test; gsm8k/math: the file itself
@@ -262,7 +263,7 @@ def eft_rows(pairs: list[dict], cfg: BuildEFTConfig, rng: random.Random) -> list
 # Driver
 # ---------------------------------------------------------------------------------------------
 def run_build_eft(cfg: BuildEFTConfig, model=None, tokenizer=None, progress: bool = True) -> dict:
-    from psr.models import load_model
+    from psr.models import load_model, model_options
 
     out = Path(cfg.out)
     task = make_task(cfg.task)
@@ -281,10 +282,10 @@ def run_build_eft(cfg: BuildEFTConfig, model=None, tokenizer=None, progress: boo
     if todo:
         own_model = model is None
         if own_model:
-            model, tokenizer = load_generator(cfg.model, cfg.dtype, None, cfg.generation)
+            model, tokenizer = load_generator(cfg.model, cfg.dtype, None, cfg.generation, options=cfg)
         judge = None
         if cfg.annotator == "model":
-            strong, strong_tok = load_model(cfg.annotator_model, dtype=cfg.dtype)
+            strong, strong_tok = load_model(cfg.annotator_model, dtype=cfg.dtype, options=model_options(cfg))
             judge = StepJudge(strong, strong_tok,
                               JudgeConfig(mode="generate", aggregation="agree", template=cfg.template))
         propose = model_completer(model, tokenizer, cfg, cfg.sampling, cfg.max_step_tokens, stop_at_step=True)

@@ -79,9 +79,25 @@ def math_reference_steps(solution: str, long_paragraph: int = 300) -> list[str]:
     return [step_prefix(i + 1) + s for i, s in enumerate(steps)]
 
 
-def ift_rows(cfg: BuildIFTConfig) -> tuple[list[dict], Counter, int]:
-    """(rows, skipped reasons, the first row not read) for the configured task."""
+def _field_problem(row: dict, name: str) -> str | None:
+    """Why ``row[name]`` is no usable text, as eval says it (missing, its type, empty), or None."""
+    if name not in row:
+        return f"missing field '{name}'"
+    if not isinstance(row[name], str):
+        return f"field '{name}' must be a string, got {type(row[name]).__name__}"
+    return None if row[name].strip() else f"field '{name}' is empty"
+
+
+def ift_rows(cfg: BuildIFTConfig, lines: dict | None = None) -> tuple[list[dict], Counter, int]:
+    """(rows, skipped reasons, the first row not read) for the configured task; ``lines`` (when given) gets
+    the first line numbers of each reason."""
     skipped: Counter = Counter()
+    lines = {} if lines is None else lines
+
+    def skip(reason: str, lineno: int) -> None:
+        skipped[reason] += 1
+        if len(lines.setdefault(reason, [])) < 5:
+            lines[reason].append(lineno)
     rows = []
     if cfg.task.name == "arithmetic":
         task = make_task(cfg.task)
@@ -94,47 +110,53 @@ def ift_rows(cfg: BuildIFTConfig) -> tuple[list[dict], Counter, int]:
     qf, af = cfg.task.question_field, cfg.task.answer_field
     everything = read_rows(cfg.task.data)
     if cfg.offset >= len(everything):
-        raise DataError(f"build-ift: offset {cfg.offset} is past the end of {cfg.task.data} ({len(everything)} rows)")
+        raise DataError(f"no problems: offset {cfg.offset} is past the end of {cfg.task.data} ({len(everything)} rows)")
     read = everything[cfg.offset : None if cfg.limit is None else cfg.offset + cfg.limit]
     for lineno, row in read:
-        question, answer = row.get(qf), row.get(af)
-        if not isinstance(question, str) or not question.strip():
-            skipped[f"missing or empty field '{qf}'"] += 1
+        problem = _field_problem(row, qf) or _field_problem(row, af)
+        if problem:
+            skip(problem, lineno)
             continue
-        if not isinstance(answer, str) or not answer.strip():
-            skipped[f"missing or empty field '{af}'"] += 1
-            continue
+        question, answer = row[qf], row[af]
         if cfg.task.name == "gsm8k":
             if "####" not in answer:
-                skipped["no '#### <answer>' line"] += 1
+                skip("no '#### <answer>' line", lineno)
                 continue
             steps, gold = gsm8k_reference_steps(answer), answer.rsplit("####", 1)[1].strip().replace(",", "")
         else:
             gold = last_boxed(answer)
             if gold is None:
-                skipped["no \\boxed{} answer"] += 1
+                skip("no \\boxed{} answer", lineno)
                 continue
             steps = math_reference_steps(answer)
         if len(steps) > cfg.max_steps:
-            skipped[f"more than {cfg.max_steps} steps"] += 1
+            skip(f"more than {cfg.max_steps} steps", lineno)
             continue
         if max(len(s) for s in steps) > cfg.max_step_chars:
-            skipped[f"a step over {cfg.max_step_chars} characters"] += 1
+            skip(f"a step over {cfg.max_step_chars} characters", lineno)
             continue
         rows.append({"question": question.strip(), "steps": steps, "answer": gold,
                      "problem_id": f"{cfg.task.name}-{lineno:05d}", "source": cfg.task.data})
     return rows, skipped, cfg.offset + len(read)
 
 
+def format_skipped(skipped: Counter | dict, lines: dict, data: str | None) -> str:
+    """``2 missing field 'answer' (data.jsonl:3, 7); 1 no \\boxed{} answer (data.jsonl:9)`` or ``none``."""
+    return "; ".join(f"{n} {why} ({data}:{', '.join(map(str, lines.get(why, [])))}"
+                     f"{', ...' if n > len(lines.get(why, [])) else ''})" for why, n in skipped.items()) or "none"
+
+
 def run_build_ift(cfg: BuildIFTConfig) -> dict:
     """Write ``cfg.out`` (and ``<out>.stats.json``); returns the stats."""
-    rows, skipped, next_offset = ift_rows(cfg)
+    lines: dict[str, list[int]] = {}
+    rows, skipped, next_offset = ift_rows(cfg, lines)
     if not rows:
-        raise DataError(f"build-ift: no usable rows in {cfg.task.data or cfg.task.name} (skipped: {dict(skipped)})")
+        raise DataError(f"build-ift: no usable rows in {cfg.task.data or cfg.task.name} from offset {cfg.offset}: "
+                        f"every row was skipped ({format_skipped(skipped, lines, cfg.task.data)})")
     write_jsonl_atomic(cfg.out, rows)
     mean_steps = round(sum(len(r["steps"]) for r in rows) / len(rows), 2)
     # rows [offset, next_offset) were read: the next stage (build-eft, the rounds' search.offset) starts after them
-    stats = {"rows": len(rows), "skipped": dict(skipped), "mean_steps": mean_steps,
+    stats = {"rows": len(rows), "skipped": dict(skipped), "skipped_lines": lines, "mean_steps": mean_steps,
              "rows_read": [cfg.offset, next_offset], "next_offset": next_offset, "out": cfg.out}
     write_json_atomic(f"{cfg.out}.stats.json", stats)
     return stats

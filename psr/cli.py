@@ -4,16 +4,21 @@ Every field is a flag named by its dotted path, with the comment beside the fiel
 ``psr search --width 6 --sampling.t0 0.9``, ``psr iterate --config R --train.beta 0.2``. Values are
 read as YAML (``--methods "[psr, srlm]"``, ``--limit null``) and go on top of the ``--config`` file,
 checked by the same strict loader (``psr.config.load_config``). A mapping field also takes one key
-at a time (``--train.trl.optim adafactor``). ``psr <command> --help`` lists every flag.
+at a time (``--train.trl.optim adafactor``). ``psr <command> --help`` shows the command's common
+fields, grouped; ``--help PREFIX`` the fields under a block or matching a word (``--help train``,
+``--help lora``); ``--help-all`` every field. Every error is one line (``psr <command>: error: ...``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import importlib
 import os
+import shutil
 import sys
+import textwrap
 import types
 import typing
 
@@ -44,6 +49,138 @@ COMMANDS = {
 # every command whose config has the field
 ALIASES = {"--task": "task.name", "--data": "task.data", "--backend": "generation.backend"}
 DEST = "cfg:"  # argparse dest prefix of config fields
+_MODEL = ["model", "revision", "trust_remote_code", "attn_implementation", "dtype"]
+# What `psr <command> --help` shows: the fields most runs set, grouped (every field: --help-all).
+COMMON = {
+    "eval": {"model": _MODEL, "data": ["task.name", "task.data", "split", "limit", "offset"],
+             "decoding": ["samples", "max_new_tokens", "batch_size", "generation.backend"], "output": ["out", "seed"]},
+    "search": {"model": _MODEL, "data": ["task.name", "task.data", "limit", "offset"],
+               "search": ["method", "width", "max_steps", "judge.mode", "judge.aggregation", "sampling.policy",
+                          "generation.backend"], "output": ["out", "seed", "round"]},
+    "judge-eval": {"model": _MODEL, "data": ["pairs_file", "task.name", "limit"],
+                   "judge": ["judge.mode", "judge.aggregation", "generation.backend"], "output": ["out", "seed"]},
+    "init": {"model": ["model", *_MODEL[1:4], "out"],
+             "data": ["task.name", "task.data", "ift_data", "eft_data", "ift_examples", "eft_examples"],
+             "training": ["learning_rate", "epochs", "batch_size", "gradient_accumulation_steps", "max_length",
+                          "lora", "dtype", "seed"], "logging and TRL": ["report_to", "trl"]},
+    "train": {"model": ["model", *_MODEL[1:4], "ref_model", "out"], "data": ["pairs"],
+              "step-DPO": ["beta", "loss_type", "learning_rate", "epochs", "batch_size", "gradient_accumulation_steps",
+                           "max_length", "lora", "dtype", "seed"], "logging and TRL": ["report_to", "trl"]},
+    "build-ift": {"data": ["task.name", "task.data", "limit", "offset", "split", "seed"],
+                  "cutting": ["max_steps", "max_step_chars"], "output": ["out"]},
+    "build-eft": {"model": _MODEL, "data": ["task.name", "task.data", "limit", "offset"],
+                  "annotation": ["annotator", "rollouts", "annotator_model", "width", "max_pairs",
+                                 "generation.backend"],
+                  "output": ["out", "seed"]},
+    "iterate": {"run": ["name", "model", "revision", "trust_remote_code", "attn_implementation", "m1", "rounds",
+                        "methods", "problems_per_round", "seed"],
+                "data": ["task.name", "task.data"], "evaluation": ["benchmarks", "judge_eval_limit", "eval_m0"],
+                "engine, trackers, hub": ["generation.backend", "report_to", "hub.push"]},
+}
+# what to do after Ctrl-C, per command (what the command keeps of its work)
+RESUME = {"iterate": "finished stages are kept: run the same command again to resume at the first unfinished "
+                     "one",
+          "search": "finished chunks are kept: run the same command again to resume from them",
+          "eval": "finished chunks are kept: run the same command again to resume from them",
+          "build-eft": "finished chunks are kept: run the same command again to resume from them",
+          "init": "checkpoints (save_steps) are kept: run the same command again to resume from the last one",
+          "train": "checkpoints (save_steps) are kept: run the same command again to resume from the last one"}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with every error one line naming the command (no usage block of every subcommand)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help)\n")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """``--batch_size, --batch-size INT`` (the value's name once, not after every alias)."""
+
+    def _format_action_invocation(self, action):
+        if not action.option_strings or action.nargs == 0:
+            return super()._format_action_invocation(action)
+        meta = self._format_args(action, self._get_default_metavar_for_optional(action))
+        return f"{', '.join(action.option_strings)} {meta}"
+
+
+def _field_actions(parser) -> dict[str, argparse.Action]:
+    return {a.dest[len(DEST):]: a for a in parser._actions if a.dest.startswith(DEST)}
+
+
+def _blocks(parser) -> list[str]:
+    """``task (6 fields)``, ... for the nested blocks of a command, for the help's last lines."""
+    names = [name for name in _field_actions(parser) if "." in name]
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[name.split(".")[0]] = counts.get(name.split(".")[0], 0) + 1
+    return [f"{block} ({n})" for block, n in counts.items()]
+
+
+def _one_line(action, width: int) -> str:
+    """``  --rounds INT          rounds of search -> ... (default: 2)`` cut to ``width``: the common view."""
+    flags = [o for o in action.option_strings if "-" not in o.lstrip("-") or o.count("-") == 2 and "." not in o
+             and o.replace("-", "_") not in action.option_strings] or action.option_strings[:1]
+    flags = [o for o in flags if not o.startswith("--no-")]
+    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
+        lead = " / ".join(flags) + (" / --no-" + flags[0][2:] if isinstance(action, argparse.BooleanOptionalAction)
+                                    else "")
+    else:
+        meta = action.metavar or ("{" + ",".join(action.choices) + "}" if action.choices else action.dest.upper())
+        lead = f"{', '.join(flags)} {meta if len(meta) < 24 else 'CHOICE'}"
+    doc, _, default = (action.help or "").replace("%%", "%").partition(" (default: ")
+    default = default.partition(")")[0]
+    default = f" (default: {default if len(default) <= 24 else default[:21] + '...'})" if default else ""
+    room = width - 34 - len(default)
+    doc = doc if len(doc) <= room else doc[: max(room - 3, 10)].rstrip() + "..."
+    return f"  {lead:<31} {doc}{default}" if len(lead) <= 31 else f"  {lead}\n  {'':<31} {doc}{default}"
+
+
+def format_help(parser, command: str, which: str | None) -> str:
+    """``which``: None = the common fields, grouped, one line each; "" = every field; else the fields under
+    the block ``which`` (``train`` -> ``train.*``) or, when no block has that name, the fields whose name
+    holds it."""
+    fields = _field_actions(parser)
+    own = [a for a in parser._actions if not a.dest.startswith(DEST)]  # --config, --run, --help, ...
+    if which is None:
+        width = min(shutil.get_terminal_size((100, 40)).columns, 120)
+        lines = [parser.format_usage().strip(), "", *textwrap.wrap(parser.description, width), "", "options:"]
+        lines += [_one_line(a, width) for a in own]
+        for title, names in COMMON[command].items():
+            lines += ["", f"{title}:"] + [_one_line(fields[n], width) for n in names if n in fields]
+        shown = sum(n in fields for names in COMMON[command].values() for n in names)
+        lines += ["", *textwrap.wrap(f"{shown} of {len(fields)} fields shown. Blocks: "
+                                     f"{', '.join(_blocks(parser)) or 'none'}.", width),
+                  f"psr {command} --help BLOCK (or WORD) lists those fields with their help; --help-all every field."]
+        return "\n".join(lines) + "\n"
+
+    def chosen(name):
+        return which == "" or name == which or name.startswith(which + ".")
+    if which and not any(chosen(n) for n in fields):
+        chosen = lambda name: which.replace("-", "_") in name  # noqa: E731 (a word: --help lora)
+    if not any(chosen(n) for n in fields):
+        close = difflib.get_close_matches(which, {n.split(".")[0] for n in fields}, n=1)
+        parser.error(f"no field matches {which!r}" + (f"; did you mean --help {close[0]}?" if close else ""))
+    formatter = parser._get_formatter()
+    formatter.add_usage(parser.usage, parser._actions, parser._mutually_exclusive_groups)
+    formatter.add_text(parser.description)
+    for group in parser._action_groups:
+        picked = [a for a in group._group_actions
+                  if (a.dest.startswith(DEST) and chosen(a.dest[len(DEST):])) or (which == "" and a in own)]
+        if picked:
+            formatter.start_section(group.title)
+            formatter.add_arguments(picked)
+            formatter.end_section()
+    return formatter.format_help()
+
+
+class _Help(argparse.Action):
+    """``--help`` (common fields), ``--help PREFIX``, ``--help-all``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        which = "" if option_string == "--help-all" else values
+        parser._print_message(format_help(parser, parser.prog.split()[-1], which), sys.stdout)
+        parser.exit()
 
 
 def config_class(command: str) -> type:
@@ -134,7 +271,7 @@ def _mapping_overrides(rest: list[str], mappings: list[str], parser) -> dict:
     while i < len(rest):
         flag, eq, value = rest[i].partition("=")
         if not any(flag.startswith(f"--{m}.") and len(flag) > len(m) + 3 for m in mappings):
-            parser.error(f"unrecognized arguments: {' '.join(rest[i:])}")
+            parser.error(unknown_flag(parser, rest[i]))
         if not eq:
             if i + 1 == len(rest):
                 parser.error(f"argument {flag}: expected one argument")
@@ -143,6 +280,18 @@ def _mapping_overrides(rest: list[str], mappings: list[str], parser) -> dict:
         out[flag[2:]] = _yaml_value(value)
         i += 1
     return out
+
+
+def unknown_flag(parser, arg: str) -> str:
+    """``unknown flag --widht; did you mean --width?``: the nearest of the command's flags."""
+    flag = arg.partition("=")[0]
+    if not flag.startswith("-"):
+        return f"unexpected value {arg!r} (every value follows its --FIELD)"
+    known = [o for a in parser._actions for o in a.option_strings]
+    close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+    if not close and "." in flag:  # a field under another block: --search.widht -> --search.width
+        close = difflib.get_close_matches(flag, [o for o in known if "." in o], n=1, cutoff=0.5)
+    return f"unknown flag {flag}" + (f"; did you mean {close[0]}?" if close else "")
 
 
 def config_from_args(args, mappings: list[str], rest: list[str], parser):
@@ -230,11 +379,12 @@ def cmd_train(cfg, args) -> int:
 
 
 def cmd_build_ift(cfg, args) -> int:
-    from psr.build_ift import run_build_ift
+    from psr.build_ift import format_skipped, run_build_ift
 
     stats = run_build_ift(cfg)
+    skipped = format_skipped(stats["skipped"], stats["skipped_lines"], cfg.task.data)
     print(f"wrote {stats['rows']} IFT rows ({stats['mean_steps']} steps each on average) to {cfg.out}; "
-          f"skipped {sum(stats['skipped'].values())}: {stats['skipped'] or 'none'}; read rows "
+          f"skipped {sum(stats['skipped'].values())}: {skipped}; read rows "
           f"{stats['rows_read'][0]}-{stats['next_offset'] - 1}: start the next stage at --offset "
           f"{stats['next_offset']}")
     return 0
@@ -267,12 +417,15 @@ RUNNERS = {"eval": cmd_eval, "search": cmd_search, "judge-eval": cmd_judge_eval,
 
 def build_parser(commands=None) -> argparse.ArgumentParser:
     """The ``psr`` parser; the flags of ``commands`` only (default: all; their configs are imported)."""
-    parser = argparse.ArgumentParser(prog="psr", description=__doc__, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="psr", description=__doc__, allow_abbrev=False, formatter_class=_Formatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, about, aliases) in COMMANDS.items():
-        p = sub.add_parser(name, help=about, description=about, allow_abbrev=False,
-                           usage=f"psr {name} [-h] [--config FILE] [--FIELD VALUE ...]")
+        p = sub.add_parser(name, help=about, description=about, allow_abbrev=False, add_help=False,
+                           formatter_class=_Formatter,
+                           usage=f"psr {name} [-h [BLOCK]] [--help-all] [--config FILE] [--FIELD VALUE ...]")
+        p.add_argument("-h", "--help", action=_Help, nargs="?", default=argparse.SUPPRESS, metavar="BLOCK",
+                       help="the common fields; with BLOCK (train, sampling, ...) or a WORD (lora) those fields")
+        p.add_argument("--help-all", action=_Help, nargs=0, default=argparse.SUPPRESS, help="every field")
         p.set_defaults(func=RUNNERS[name], mappings=[])
         if name == "iterate":
             p.add_argument("--config", required=True, metavar="FILE",
@@ -301,17 +454,28 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
+    known = [*COMMANDS, "report"]
+    if command is not None and command not in known:
+        close = difflib.get_close_matches(command, known, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        print(f"psr: error: unknown command {command!r}; {hint}(commands: {', '.join(known)})", file=sys.stderr)
+        return 2
     parser = build_parser([command])
     args, rest = parser.parse_known_args(argv)
+    sub = parser._subparsers._group_actions[0].choices[args.command]
     if args.mappings is None and rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        sub.error(unknown_flag(sub, rest[0]))
     _quiet_libraries()
     try:
-        cfg = None if args.mappings is None else config_from_args(args, args.mappings, rest, parser)
+        cfg = None if args.mappings is None else config_from_args(args, args.mappings, rest, sub)
         return args.func(cfg, args)
     except (ConfigError, ModelLoadError, DataError) as err:
         print(f"psr {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # one line, not a traceback: say what is kept and how to go on
+        print(f"\npsr {args.command}: interrupted; {RESUME.get(args.command, 'nothing was kept: run it again')}",
+              file=sys.stderr)
+        return 130
     finally:
         from psr.distributed import close
 

@@ -12,6 +12,7 @@ above) it in the source (:func:`field_docs`); ``psr <command> --help`` shows it.
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import functools
 import inspect
@@ -216,7 +217,7 @@ def load_config(cls, path: str | Path | None = None, overrides: dict | None = No
             return from_dict(cls, data)
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}" if path else str(err)) from err
-    merged = _merge(data, {})
+    merged = copy.deepcopy(data)  # set_dotted writes into nested blocks: keep the file's own values apart
     for key, value in overrides.items():
         set_dotted(merged, key, value)
     try:

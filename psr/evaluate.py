@@ -21,13 +21,14 @@ from psr.distributed import broadcast, context, device_for
 from psr.engines import GenerationConfig, load_generator, loads_together, release
 from psr.files import write_json_atomic
 from psr.generation import cut_after_answer, generate
+from psr.models import ModelOptions
 from psr.sampling import SamplingConfig
 from psr.steps import render_prompt, split_steps
 from psr.tasks import TaskConfig, make_task
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(ModelOptions):
     """``psr eval``: greedy accuracy, and maj@k / pass@k over ``samples`` sampled solutions."""
 
     model: str = "smollm2-135m"  # the model: hub id, local directory, or a built-in name (smollm2-135m, tiny-random)
@@ -139,7 +140,7 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
     in_memory = {}
     loaded = model is None and (bool(mine) or loads_together(cfg.generation))
     if loaded:
-        model, tokenizer = load_generator(cfg.model, cfg.dtype, device_for(rank), cfg.generation)
+        model, tokenizer = load_generator(cfg.model, cfg.dtype, device_for(rank), cfg.generation, options=cfg)
     if mine:
         bar = tqdm(total=sum(len(store.chunks[c]) for c in mine),
                    desc="eval" + (f" (rank {rank})" if world > 1 else ""), unit="problem", disable=not progress,

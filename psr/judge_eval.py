@@ -15,12 +15,14 @@ from dataclasses import asdict, dataclass, field
 from psr.config import ConfigError, check_at_least
 from psr.engines import GenerationConfig, load_generator, release
 from psr.files import DataError, iter_jsonl, write_json_atomic
-from psr.judge import JudgeConfig, make_judge
+from psr.judge import JudgeConfig
+from psr.models import ModelOptions
+from psr.self_judges import make_judge
 from psr.tasks import TaskConfig, make_task
 
 
 @dataclass
-class JudgeEvalConfig:
+class JudgeEvalConfig(ModelOptions):
     """``psr judge-eval``: the model as a pairwise step judge on held-out right-vs-wrong step pairs."""
 
     model: str = "smollm2-135m"  # the model: hub id, local directory, or a built-in name (smollm2-135m, tiny-random)
@@ -62,7 +64,7 @@ def _labelled_pairs(path: str, limit: int | None) -> list[dict]:
 def judge_eval(cfg: JudgeEvalConfig, model=None, tokenizer=None) -> dict:
     loaded = model is None
     if loaded:
-        model, tokenizer = load_generator(cfg.model, dtype=cfg.dtype, gen=cfg.generation)
+        model, tokenizer = load_generator(cfg.model, dtype=cfg.dtype, gen=cfg.generation, options=cfg)
     pairs = (_labelled_pairs(cfg.pairs_file, cfg.limit) if cfg.pairs_file
              else heldout_step_pairs(make_task(cfg.task), cfg.limit or 200, cfg.seed))
     judge = make_judge(model, tokenizer, cfg.judge)

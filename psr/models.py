@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +30,44 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
     "+ '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+
+@dataclass
+class ModelOptions:
+    """How every model a stage loads is loaded, by TRL's ModelConfig names; the same for HF and vLLM. A
+    stage config inherits these fields; ``psr iterate`` sets its own on every stage."""
+
+    revision: str | None = None  # hub models: the branch, tag or commit to load (null: main)
+    # load a hub model's own modelling/tokenizer code (only for repos you trust; a local folder needs it too)
+    trust_remote_code: bool = False
+    # HF attention kernel: eager, sdpa, flash_attention_2, flex_attention, ... (null: transformers' choice). vLLM
+    # has its own kernels: flash_attention_2/3 ask it for FLASH_ATTN, anything else leaves vLLM's choice
+    attn_implementation: str | None = None
+
+
+def model_options(cfg) -> ModelOptions:
+    """The :class:`ModelOptions` of any config that has them (another object: the defaults)."""
+    return ModelOptions(**{k: getattr(cfg, k) for k in ("revision", "trust_remote_code", "attn_implementation")
+                           if hasattr(cfg, k)})
+
+
+def hf_kwargs(options: ModelOptions | None, tokenizer: bool = False) -> dict:
+    """``from_pretrained`` keyword arguments for ``options`` (only the ones set, so defaults stay transformers')."""
+    options = options or ModelOptions()
+    out = {"revision": options.revision, "trust_remote_code": options.trust_remote_code or None}
+    if not tokenizer:
+        out["attn_implementation"] = options.attn_implementation
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def vllm_kwargs(options: ModelOptions | None) -> dict:
+    """``vllm.LLM`` keyword arguments for ``options``."""
+    options = options or ModelOptions()
+    out = {"revision": options.revision, "tokenizer_revision": options.revision,
+           "trust_remote_code": options.trust_remote_code}
+    if options.attn_implementation in ("flash_attention_2", "flash_attention_3"):
+        out["attention_backend"] = "FLASH_ATTN"
+    return {k: v for k, v in out.items() if v is not None}
 
 
 class ModelLoadError(RuntimeError):
@@ -222,12 +261,12 @@ def _first_line(err: Exception) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
-def load_tokenizer(name: str):
+def load_tokenizer(name: str, options: ModelOptions | None = None):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, **hf_kwargs(options, tokenizer=True))
     except Exception as err:  # as in load_model: one line naming the model, not a traceback
         raise ModelLoadError(f"could not load the tokenizer of {name!r} from {path}: {_first_line(err)}") from err
     if tok.pad_token is None:
@@ -235,8 +274,10 @@ def load_tokenizer(name: str):
     return tok
 
 
-def load_model(name: str, dtype: str | torch.dtype | None = None, device: str | None = None):
-    """Return ``(model, tokenizer)`` for a built-in name, a local directory or a hub id."""
+def load_model(name: str, dtype: str | torch.dtype | None = None, device: str | None = None,
+               options: ModelOptions | None = None):
+    """Return ``(model, tokenizer)`` for a built-in name, a local directory or a hub id, loaded with
+    ``options`` (revision, trust_remote_code, attn_implementation)."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name)
@@ -247,8 +288,8 @@ def load_model(name: str, dtype: str | torch.dtype | None = None, device: str | 
         dtype = None if dtype == "auto" else getattr(torch, dtype)
     dtype = dtype or default_dtype(device)
     try:
-        tok = load_tokenizer(name)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tok = load_tokenizer(name, options)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **hf_kwargs(options))
     except ModelLoadError:
         raise
     except Exception as err:  # transformers raises OSError, ValueError, KeyError, safetensors' own errors ...

@@ -32,9 +32,12 @@ from psr.distributed import context, fresh_state
 from psr.engines import GenerationConfig
 from psr.evaluate import EvalConfig, evaluate
 from psr.files import DataError, check_safetensors, read_json, read_jsonl, write_json_atomic, write_text_atomic
+from psr.hub import HubConfig, pending, push_stage
 from psr.judge_eval import JudgeEvalConfig, judge_eval
+from psr.models import ModelOptions, model_options
 from psr.search import SearchConfig, run_search
 from psr.tasks import TaskConfig
+from psr.trackers import check_report_to, log_stage
 from psr.train.sft import InitConfig
 from psr.train.step_dpo import StepDPOConfig
 
@@ -66,7 +69,7 @@ class BenchmarkConfig(EvalConfig):
 
 
 @dataclass
-class RunConfig:
+class RunConfig(ModelOptions):
     """``psr iterate``: a whole run, M0 -> init (M1) -> rounds of search -> step-DPO -> eval, per method."""
 
     name: str = "run"  # the run's folder is runs/<name> unless --run says otherwise
@@ -89,6 +92,11 @@ class RunConfig:
     benchmarks: list[BenchmarkConfig] = field(default_factory=lambda: [BenchmarkConfig()])
     judge_eval_limit: int = 100  # held-out step pairs for the judge's accuracy (built-in arithmetic task)
     eval_m0: bool = True  # evaluate the starting model too
+    # per-round metrics (accuracy per benchmark, judge accuracy, pairs, ties, answer shares), one step per
+    # model, to these trackers: tensorboard (<run>/tensorboard/rounds/<method>), wandb. Training stages have
+    # their own (train.report_to, init.report_to)
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    hub: HubConfig = field(default_factory=HubConfig)  # publish each model (with a card) and the data (off)
     # the engine of every stage that generates or judges (search, SRLM, evaluation, test-time search, judge
     # eval); the loop sets it on each of them. Training is HF's either way. vllm needs `make setup-vllm`
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -98,6 +106,37 @@ class RunConfig:
         check_at_least(self, 1, "problems_per_round")
         if len({b.name for b in self.benchmarks}) != len(self.benchmarks):
             raise ValueError("benchmark names must be unique")
+        check_report_to(self.report_to)
+        check_loop_sets(self)
+
+
+# Fields of the stage blocks that the loop sets on every stage, and from what: a value given for one would be
+# stored in config.yaml and then overwritten, so it is refused at load, naming who sets it.
+LOOP_SETS = {
+    "init": {"model": "model (M0)", "out": "the run folder (init/model)", "task": "task", "seed": "seed",
+             "data_seed": "seed", "judge_template": "search.judge.template"},
+    "search": {"model": "each round's start model", "task": "task", "split": "the loop (train)",
+               "method": "methods", "limit": "problems_per_round", "data_seed": "seed (one stream of problems)",
+               "seed": "seed (+ 1000 x round)", "round": "the round", "out": "the run folder",
+               "generation": "generation"},
+    "train": {"model": "each round's start model", "pairs": "the round's search", "out": "the run folder",
+              "seed": "seed"},
+}
+for _owned in LOOP_SETS.values():  # every stage loads its models with the run's options
+    _owned.update({k: k for k in ("revision", "trust_remote_code", "attn_implementation")})
+
+
+def check_loop_sets(cfg: RunConfig) -> None:
+    """ValueError for a stage field the loop sets itself (:data:`LOOP_SETS`) given a non-default value."""
+    defaults = {f.name: f.default_factory() for f in dataclasses.fields(RunConfig) if f.name in LOOP_SETS}
+    for block, owned in LOOP_SETS.items():
+        for name, who in owned.items():
+            if getattr(getattr(cfg, block), name) != getattr(defaults[block], name):
+                raise ValueError(f"{block}.{name} is set by the loop from {who}; leave it out of psr iterate's config")
+    for i, b in enumerate(cfg.benchmarks):
+        for name, default in (("generation", GenerationConfig()), *dataclasses.asdict(ModelOptions()).items()):
+            if getattr(b, name) != default:
+                raise ValueError(f"benchmarks[{i}].{name} is set by the loop from {name}; leave it out")
 
 
 @dataclass
@@ -156,6 +195,11 @@ def model_of(stage_dir: Path) -> str:
     raise FileNotFoundError(f"no finished model stage in {stage_dir}")
 
 
+def _options(cfg: RunConfig) -> dict:
+    """The run's model options (revision, trust_remote_code, attn_implementation), set on every stage."""
+    return dataclasses.asdict(model_options(cfg))
+
+
 def eval_stage(cfg: RunConfig, model_dir_of, out_dir: Path, rank: int):
     def run():
         # Every rank evaluates its share of each benchmark (and of its test-time search); rank 0 merges
@@ -169,7 +213,7 @@ def eval_stage(cfg: RunConfig, model_dir_of, out_dir: Path, rank: int):
 
         def load(dtype):
             if dtype not in loaded:
-                loaded[dtype] = load_generator(model_name, dtype, device_for(rank), cfg.generation)
+                loaded[dtype] = load_generator(model_name, dtype, device_for(rank), cfg.generation, options=cfg)
             return loaded[dtype]
 
         for b in cfg.benchmarks:
@@ -218,7 +262,7 @@ def init_stage(cfg: RunConfig, run_dir: Path):
         if cfg.m1 is not None:  # checked up front by check_m1
             return {"model": in_run(cfg.m1, run_dir), "given": True}
         icfg = dataclasses.replace(cfg.init, model=cfg.model, out=str(out), task=cfg.task, seed=cfg.seed,
-                                   data_seed=cfg.seed, judge_template=cfg.search.judge.template)
+                                   data_seed=cfg.seed, judge_template=cfg.search.judge.template, **_options(cfg))
         log = run_init(icfg)
         return {"model": in_run(out, run_dir), "seconds_per_step": log.get("seconds_per_step")}
 
@@ -234,7 +278,7 @@ def search_stage(cfg: RunConfig, method: str, r: int, start_dir: Path, out_dir: 
                                    method="srlm" if method == "srlm" else "psr",
                                    limit=cfg.problems_per_round, offset=round_offset(cfg, r), data_seed=cfg.seed,
                                    seed=cfg.seed + 1000 * r, round=r,
-                                   out=str(out_dir), generation=cfg.generation)
+                                   out=str(out_dir), generation=cfg.generation, **_options(cfg))
         stats = run_search(scfg)
         return {"pairs": stats.get("pairs")}
 
@@ -251,7 +295,7 @@ def train_stage(cfg: RunConfig, start_dir: Path, out_dir: Path, rank: int):
             # Nothing to learn from: the round keeps its starting model and says so.
             return {"model": in_run(start, run_dir_of(out_dir)), "skipped": "no pairs in this round"}
         tcfg = dataclasses.replace(cfg.train, model=start, pairs=str(out_dir / "pairs.jsonl"),
-                                   out=str(out_dir / "model"), seed=cfg.seed)
+                                   out=str(out_dir / "model"), seed=cfg.seed, **_options(cfg))
         log = run_train(tcfg)
         return {"model": in_run(out_dir / "model", run_dir_of(out_dir)),
                 "seconds_per_step": log.get("seconds_per_step")}
@@ -295,8 +339,9 @@ def _flatten(d, prefix=""):
 
 
 def _cosmetic(key: str) -> bool:
-    """Reporting settings (psr.config.COSMETIC_KEYS) and the run's name: never a config change."""
-    return key == "name" or cosmetic_key(key)
+    """Reporting settings (psr.config.COSMETIC_KEYS), the hub block (where a run is published) and the run's
+    name: never a config change."""
+    return key == "name" or key.startswith("hub.") or cosmetic_key(key)
 
 
 def changed_keys(old: dict, new: dict) -> list[str]:
@@ -565,6 +610,8 @@ def _iterate(cfg: RunConfig, run_dir: str | Path | None = None, restart_from: st
                 forget(s, cfg)  # test-time-search chunks of its eval stages too
         redo_damaged(stages, cfg, lambda line: print(line, file=sys.stderr))
         write_text_atomic(stored, yaml.safe_dump(new, sort_keys=False))
+        for done in pending(stages) if cfg.hub.push else []:  # a push an earlier start could not make
+            push_stage(cfg, run_dir, done.id, done.dir)
     barrier()
 
     for n, stage in enumerate(stages, 1):
@@ -581,6 +628,9 @@ def _iterate(cfg: RunConfig, run_dir: str | Path | None = None, restart_from: st
             seconds = round(time.perf_counter() - started, 1)
             write_json_atomic(stage.marker, {**info, "stage": stage.id, "seconds": seconds,
                                              "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")})
+            if stage.kind == "eval":  # one step per model on the trackers' curves; published when hub.push
+                log_stage(run_dir, cfg.name, cfg.report_to, stage.id, cfg.methods)
+                push_stage(cfg, run_dir, stage.id, stage.dir)
         barrier()
         if stop_after and stage.kind == stop_after:
             break

@@ -29,9 +29,11 @@ from psr.distributed import context, device_for
 from psr.engines import GenerationConfig, load_generator, loads_together, release
 from psr.files import write_json_atomic, write_jsonl_atomic
 from psr.generation import generate
-from psr.judge import JudgeConfig, make_judge, truth_comparison
+from psr.judge import JudgeConfig, truth_comparison
+from psr.models import ModelOptions
 from psr.pairs import PairsConfig
 from psr.sampling import SamplingConfig
+from psr.self_judges import make_judge
 from psr.steps import has_final_answer, render_prompt
 from psr.tasks import TaskConfig, make_task
 from psr.tasks.base import Task
@@ -50,7 +52,7 @@ class SRLMConfig:
 
 
 @dataclass
-class SearchConfig:
+class SearchConfig(ModelOptions):
     model: str = "smollm2-135m"
     task: TaskConfig = field(default_factory=TaskConfig)
     method: Literal["psr", "srlm"] = "psr"
@@ -197,7 +199,7 @@ def run_search(cfg: SearchConfig, model=None, tokenizer=None, progress: bool = T
     if mine or (model is None and loads_together(cfg.generation)):
         loaded = model is None
         if loaded:
-            model, tokenizer = load_generator(cfg.model, cfg.dtype, device_for(rank), cfg.generation)
+            model, tokenizer = load_generator(cfg.model, cfg.dtype, device_for(rank), cfg.generation, options=cfg)
         judge = make_judge(model, tokenizer, cfg.judge) if cfg.method == "psr" else None
         started = time.perf_counter()
         bar = tqdm(total=sum(len(store.chunks[c]) for c in mine), desc=f"{cfg.method} search (rank {rank})",
@@ -224,9 +226,9 @@ def run_search(cfg: SearchConfig, model=None, tokenizer=None, progress: bool = T
     traces = store.rows()
     write_jsonl_atomic(out / "search.jsonl", traces)
     if tokenizer is None:
-        from psr.models import load_tokenizer
+        from psr.models import load_tokenizer, model_options
 
-        tokenizer = load_tokenizer(cfg.model)
+        tokenizer = load_tokenizer(cfg.model, model_options(cfg))
     pairs = build_pairs(traces, tokenizer, cfg.pairs, round_index=cfg.round)
     write_jsonl_atomic(out / "pairs.jsonl", pairs)
     stats = pair_stats(traces, pairs)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 
 from psr.answers import final_answer, is_equivalent
-from psr.judge import Comparison
+from psr.judge import Comparison, JudgeConfig, StepJudge
 from psr.sampling import SamplingConfig
 from psr.steps import has_final_answer, render_prompt
 
@@ -113,3 +113,15 @@ class LikelihoodJudge:
             lls = candidate_loglik(self.model, self.tok, steps)
         return [score_comparison([math.exp(x) if c.strip() else 0.0 for x, c in zip(ll, s["candidates"])],
                                  self.cfg.tie_margin) for ll, s in zip(lls, steps)]
+
+
+def make_judge(model, tokenizer, cfg: JudgeConfig):
+    """The judge of ``cfg.mode``: :class:`psr.judge.StepJudge` (logits, generate: the paper's), a self-judge of
+    this module (consistency, likelihood), or None for truth (the caller checks steps with the task)."""
+    if cfg.mode == "truth":
+        return None
+    if cfg.mode == "consistency":
+        return ConsistencyJudge(model, tokenizer, cfg)
+    if cfg.mode == "likelihood":
+        return LikelihoodJudge(model, tokenizer, cfg)
+    return StepJudge(model, tokenizer, cfg)

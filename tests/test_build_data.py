@@ -40,12 +40,22 @@ def test_build_ift_counts_what_it_skips(tmp_path):
     rows = [{"question": "Tom has 3 apples and buys 2. How many?", "answer": "3 + 2 = <<3+2=5>>5\n#### 5"},
             {"question": "", "answer": "#### 1"},
             {"question": "No gold?", "answer": "It is 4."},
-            {"question": "Long?", "answer": "\n".join(f"{i} + 1 = {i + 1}" for i in range(30)) + "\n#### 30"}]
+            {"question": "Long?", "answer": "\n".join(f"{i} + 1 = {i + 1}" for i in range(30)) + "\n#### 30"},
+            {"question": "Numeric?", "answer": 42}, {"answer": "#### 3"}]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = BuildIFTConfig(task=TaskConfig(name="gsm8k", data=str(data)), out=str(tmp_path / "ift.jsonl"))
     stats = run_build_ift(cfg)
-    assert stats["rows"] == 1 and stats["skipped"] == {"missing or empty field 'question'": 1,
-                                                        "no '#### <answer>' line": 1, "more than 20 steps": 1}
+    # as precise as eval: the line, and a number is a wrong type, not a missing field
+    assert stats["rows"] == 1 and stats["skipped"] == {
+        "field 'question' is empty": 1, "no '#### <answer>' line": 1, "more than 20 steps": 1,
+        "field 'answer' must be a string, got int": 1, "missing field 'question'": 1}
+    assert stats["skipped_lines"]["field 'answer' must be a string, got int"] == [5]
+    assert stats["skipped_lines"]["no '#### <answer>' line"] == [3]
+    with pytest.raises(DataError, match=r"no problems: offset 6 is past the end of .*gsm.jsonl \(6 rows\)"):
+        run_build_ift(BuildIFTConfig(task=TaskConfig(name="gsm8k", data=str(data)), offset=6, out=cfg.out))
+    with pytest.raises(DataError, match=r"from offset 4: every row was skipped \(1 field 'answer' must be a string, "
+                                        r"got int \(.*gsm.jsonl:5\); 1 missing field 'question' \(.*gsm.jsonl:6\)\)"):
+        run_build_ift(BuildIFTConfig(task=TaskConfig(name="gsm8k", data=str(data)), offset=4, out=cfg.out))
     (row,) = read_jsonl(tmp_path / "ift.jsonl")
     assert row["steps"] == ["Step 1: 3 + 2 = 5 The answer is \\boxed{5}."] and row["answer"] == "5"
     data.write_text(json.dumps(rows[0]) + "\nnot json\n")

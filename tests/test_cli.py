@@ -31,9 +31,15 @@ def leaf_fields(cls, prefix=""):
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_help_lists_every_field_with_help(command, capsys):
+def test_help_fits_on_a_screen_and_help_all_lists_every_field_with_help(command, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
+    short = capsys.readouterr().out.splitlines()
+    assert exit_.value.code == 0 and len(short) <= 45 and max(map(len, short)) <= 100
+    assert "--help-all" in short[-1] and any(line.startswith("  --model") for line in short) == (command != "build-ift")
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help-all"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     sub = build_parser([command])._subparsers._group_actions[0].choices[command]
@@ -69,7 +75,13 @@ def test_command_line_values_are_checked_like_the_file(tmp_path, capsys):
     assert "methods[1]: must be one of" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["search", "--widht", "3"])
-    assert "unrecognized arguments: --widht" in capsys.readouterr().err
+    assert capsys.readouterr().err == ("psr search: error: unknown flag --widht; did you mean --width? "
+                                       "(psr search --help)\n")
+    with pytest.raises(SystemExit):
+        main(["iterate", "--config", str(TINY), "--train.betta", "3"])
+    assert "unknown flag --train.betta; did you mean --train.beta?" in capsys.readouterr().err
+    assert main(["serch"]) == 2
+    assert capsys.readouterr().err.startswith("psr: error: unknown command 'serch'; did you mean search?")
     bad = tmp_path / "bad.yaml"
     bad.write_text("limit: 3\nlimit: 4\n")  # PyYAML would keep the last one silently
     assert main(["eval", "--config", str(bad)]) == 2
@@ -101,6 +113,9 @@ def test_trl_block_reaches_the_trainer_by_trls_names():
         from_dict(StepDPOConfig, {"trl": {"optim": "nope"}})
     with pytest.raises(ConfigError, match="trl.output_dir: set out"):
         from_dict(StepDPOConfig, {"trl": {"output_dir": "x"}})
+    # TRL's push would upload the .partial folder and never the final model: the hub block does it
+    with pytest.raises(ConfigError, match="trl.push_to_hub: set hub.push and hub.model_id in psr iterate"):
+        from_dict(StepDPOConfig, {"trl": {"push_to_hub": True}})
 
 
 def test_run_seed_sets_init_data_seed(tmp_path, monkeypatch):
@@ -194,3 +209,64 @@ def test_iterate_stores_an_accepted_change(tmp_path, monkeypatch):
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["progress"] is True
     with pytest.raises(ConfigError, match="train.beta is used by finished stage psr/round_1/train"):
         iterate(load_config(RunConfig, TINY, {"rounds": 1, "train.beta": 0.3}), run, progress=False)
+
+
+def test_help_block_or_word_lists_those_fields(capsys):
+    with pytest.raises(SystemExit):
+        main(["iterate", "--help", "train"])
+    text = capsys.readouterr().out
+    assert "--train.beta" in text and "--search.width" not in text and "--init.lora" not in text
+    with pytest.raises(SystemExit):
+        main(["iterate", "--help", "lora"])  # no block of that name: the fields whose name holds it
+    text = capsys.readouterr().out
+    assert "--init.lora_r" in text and "--train.lora" in text and "--train.beta" not in text
+    with pytest.raises(SystemExit) as exit_:
+        main(["iterate", "--help", "serch"])
+    assert exit_.value.code == 2 and "no field matches 'serch'; did you mean --help search?" in capsys.readouterr().err
+
+
+def test_iterate_refuses_what_the_loop_sets_naming_who(capsys):
+    assert main(["iterate", "--config", str(TINY), "--train.model", "x"]) == 2
+    assert capsys.readouterr().err == ("psr iterate: error: command line: train.model is set by the loop from each "
+                                       "round's start model; leave it out of psr iterate's config\n")
+    for flag, who in (("--search.limit", "problems_per_round"), ("--search.method", "methods"),
+                      ("--init.seed", "seed")):
+        assert main(["iterate", "--config", str(TINY), flag, "srlm" if "method" in flag else "9"]) == 2
+        assert f"{flag[2:]} is set by the loop from {who}" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"benchmarks\[0\].generation is set by the loop"):
+        from_dict(RunConfig, {"benchmarks": [{"name": "a", "generation": {"backend": "vllm"}}]})
+    for recipe in sorted(ROOT.glob("recipes/*/iterate/*.yaml")):  # every shipped recipe still loads
+        load_config(RunConfig, recipe)
+
+
+def test_a_bad_override_names_the_command_line_and_is_caught_at_load(tmp_path, capsys):
+    # the file's own blocks were written into by the override, which then looked like the file's error
+    assert main(["iterate", "--config", str(TINY), "--run", str(tmp_path), "--task.min_steps", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("psr iterate: error: command line: task: need 1 <= min_steps <= max_steps")
+    assert err.count("\n") == 1
+    assert not (tmp_path / "config.yaml").exists()  # refused at load, before any stage
+    bad = tmp_path / "r.yaml"
+    bad.write_text("task: {min_steps: 4, max_steps: 3}\n")
+    assert main(["eval", "--config", str(bad), "--limit", "2"]) == 2
+    assert capsys.readouterr().err.startswith(f"psr eval: error: {bad}: task: need 1 <= min_steps")
+
+
+def test_ctrl_c_is_one_line_saying_how_to_resume(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "psr.cli", "iterate", "--config", str(TINY), "--run",
+                             str(tmp_path / "run"), "--report-to", "[]"], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "m0").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == ("psr iterate: interrupted; finished stages are kept: run the same command "
+                                            "again to resume at the first unfinished one")

@@ -3,8 +3,15 @@ modes through the real search on tiny-random (ties, rollbacks and pairs as with 
 
 import pytest
 
-from psr.judge import JudgeConfig, make_judge
-from psr.self_judges import ConsistencyJudge, LikelihoodJudge, consensus, consistency_scores, score_comparison
+from psr.judge import JudgeConfig
+from psr.self_judges import (
+    ConsistencyJudge,
+    LikelihoodJudge,
+    consensus,
+    consistency_scores,
+    make_judge,
+    score_comparison,
+)
 
 
 def test_consistency_scores_are_shares_of_rollouts_reaching_the_consensus():

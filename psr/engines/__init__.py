@@ -47,13 +47,16 @@ def is_engine(model) -> bool:
     return getattr(model, "is_vllm_engine", False)
 
 
-def load_generator(name: str, dtype=None, device: str | None = None, gen: GenerationConfig | None = None):
-    """``(model or engine, tokenizer)`` for ``name`` on the backend ``gen`` asks for."""
-    from psr.models import load_model, load_tokenizer, resolve_model_path
+def load_generator(name: str, dtype=None, device: str | None = None, gen: GenerationConfig | None = None,
+                   options=None):
+    """``(model or engine, tokenizer)`` for ``name`` on the backend ``gen`` asks for; ``options``: a config with
+    the :class:`psr.models.ModelOptions` fields (revision, trust_remote_code, attn_implementation)."""
+    from psr.models import load_model, load_tokenizer, model_options, resolve_model_path
 
     gen = gen or GenerationConfig()
+    options = model_options(options)
     if gen.backend == "hf":
-        return load_model(name, dtype=dtype, device=device)
+        return load_model(name, dtype=dtype, device=device, options=options)
     import importlib.util
 
     from psr.config import ConfigError
@@ -67,8 +70,8 @@ def load_generator(name: str, dtype=None, device: str | None = None, gen: Genera
         raise ConfigError(f"generation.tensor_parallel_size is {gen.tensor_parallel_size} under {world} processes: "
                           "launched by accelerate/torchrun, every rank runs a vLLM engine of its own on its own "
                           "GPU, so it must be 1; for one engine spread over several GPUs launch psr as one process")
-    tok = load_tokenizer(name)
-    return VLLMEngine(resolve_model_path(name), tok, dtype, gen, world=world), tok
+    tok = load_tokenizer(name, options)
+    return VLLMEngine(resolve_model_path(name), tok, dtype, gen, world=world, options=options), tok
 
 
 def loads_together(gen: GenerationConfig) -> bool:

@@ -42,7 +42,7 @@ class VLLMEngine:
 
     is_vllm_engine = True
 
-    def __init__(self, path: str, tokenizer, dtype, gen, world: int = 1):
+    def __init__(self, path: str, tokenizer, dtype, gen, world: int = 1, options=None):
         # In-process engine core: no spawned process, so no `if __name__ == "__main__"` guard is needed in
         # scripts, and torch's RNG (seeded per search chunk) can seed the requests.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -50,7 +50,7 @@ class VLLMEngine:
         from vllm import LLM
 
         from psr.engines.vllm_processors import VLLMEDTLogitsProcessor, VLLMStepStopProcessor
-        from psr.models import default_dtype
+        from psr.models import default_dtype, vllm_kwargs
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if dtype in (None, "auto"):
@@ -60,10 +60,11 @@ class VLLMEngine:
         self.world = world
         self.llm = LLM(model=path, tokenizer=path, dtype=self.dtype, seed=0,
                        logits_processors=[VLLMEDTLogitsProcessor, VLLMStepStopProcessor],
-                       **_engine_kwargs(gen, self.device, world))
+                       **_engine_kwargs(gen, self.device, world), **vllm_kwargs(options))
         # Every end token the model names (Llama-3-Instruct has two), as psr.generation.generate stops on.
         try:
-            configured = HFGenerationConfig.from_pretrained(path).eos_token_id
+            revision = {"revision": options.revision} if options is not None and options.revision else {}
+            configured = HFGenerationConfig.from_pretrained(path, **revision).eos_token_id
         except OSError:
             configured = None
         configured = [configured] if isinstance(configured, int) else list(configured or [])

@@ -28,6 +28,9 @@ class TaskConfig:
         if self.name == "arithmetic" and self.data is not None:
             raise ValueError(f"data is {self.data!r}, but the arithmetic task generates its problems and reads "
                              "no data file: leave data out, or choose task gsm8k or math")
+        if not 1 <= self.min_steps <= self.max_steps or self.max_operand < 2:
+            raise ValueError(f"need 1 <= min_steps <= max_steps and max_operand >= 2, got min_steps "
+                             f"{self.min_steps}, max_steps {self.max_steps}, max_operand {self.max_operand}")
 
 
 def make_task(cfg: TaskConfig | str, data: str | None = None) -> Task:

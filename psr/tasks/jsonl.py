@@ -50,6 +50,11 @@ def check_text_field(row: dict, fld: str, where: str, hint: str = "") -> None:
         raise DataError(f"{where}: field '{fld}' is empty")
 
 
+def is_hub_id(data: str) -> bool:
+    """``org/name``, ``org/name:split`` or ``org/name:config:split`` (not a path)."""
+    return re.match(r"^[\w.-]+/[\w.-]+(:[\w.-]+){0,2}$", data) is not None and not data.endswith((".jsonl", ".json"))
+
+
 def read_rows(data: str) -> list[tuple[int, dict]]:
     """(line number, row) pairs from a local JSONL file (:func:`psr.files.iter_jsonl`), or rows of
     a hub dataset via ``datasets``; no rows at all is an error."""
@@ -61,11 +66,13 @@ def read_rows(data: str) -> list[tuple[int, dict]]:
         return rows
     if data.startswith(("/", "./", "../", "~")) or data.endswith((".jsonl", ".json")):
         raise DataError(f"data file {data} does not exist")
-    # A hub dataset id, optionally "id:split" (e.g. openai/gsm8k:test); needs the network.
+    # A hub dataset id, optionally "id:split" (e.g. openai/gsm8k:test) or "id:config:split" (psr's hub block
+    # pushes a run's pairs as config pairs, one split per round); needs the network.
     from datasets import load_dataset
 
     name, _, split = data.partition(":")
-    config = "main" if name.endswith("gsm8k") else None
+    config, _, split = split.rpartition(":") if split.count(":") == 1 else (None, "", split)
+    config = config or ("main" if name.endswith("gsm8k") else None)
     try:
         ds = load_dataset(name, config, split=split or "test")
     except Exception as err:  # datasets raises many kinds here; the user needs the id and the cause

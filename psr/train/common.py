@@ -29,6 +29,7 @@ from transformers import TrainerCallback
 from psr.config import ConfigError, check_value, cosmetic_key
 from psr.distributed import timeout_seconds
 from psr.files import path_identity, write_json_atomic
+from psr.models import ModelOptions
 
 # TRL's name -> psr's field, for the settings psr has a field for (some under a shorter, older name).
 # In a ``trl:`` block the TRL name sets psr's field, so each setting has one value.
@@ -39,11 +40,15 @@ PSR_FIELD_OF = {"num_train_epochs": "epochs", "per_device_train_batch_size": "ba
                     "weight_decay", "max_grad_norm", "gradient_checkpointing", "seed", "logging_steps", "report_to",
                     "beta", "precompute_ref_log_probs", "loss_type", "save_steps", "save_total_limit")}}
 # TrainingArguments fields psr decides itself; the message says which psr field sets them.
-PSR_OWNED = {"output_dir": "out (the model directory this stage writes)", "loss_weights": "sft_weight"}
+PSR_OWNED = {"output_dir": "out (the model directory this stage writes)", "loss_weights": "sft_weight",
+             # TRL's push would upload the stage's .partial folder under its name, never the final model, and psr's
+             # atomic save drops TRL's card: psr iterate's hub block pushes each final model with a card
+             **{k: "hub.push and hub.model_id in psr iterate (each final model, with a model card)"
+                for k in ("push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo")}}
 
 
 @dataclass
-class TrainSettings:
+class TrainSettings(ModelOptions):
     """Fields every training stage has (``psr init`` and ``psr train``). Any other setting of TRL's
     trainer config goes in ``trl:`` by TRL's own name."""
 
@@ -230,9 +235,9 @@ def lora_config(cfg: TrainSettings):
 
 def load_for_training(name: str, cfg: TrainSettings):
     """(model, tokenizer) on the CPU in the training dtype; the Trainer moves it to its device."""
-    from psr.models import load_model
+    from psr.models import load_model, model_options
 
-    model, tok = load_model(name, dtype=model_dtype(cfg), device="cpu")
+    model, tok = load_model(name, dtype=model_dtype(cfg), device="cpu", options=model_options(cfg))
     model.train()
     return model, tok
 
@@ -316,9 +321,10 @@ def save_final(trainer, cfg: TrainSettings, tokenizer, log: dict,
             from peft import PeftModel
             from transformers import AutoModelForCausalLM
 
-            from psr.models import resolve_model_path
+            from psr.models import hf_kwargs, model_options, resolve_model_path
 
-            base = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model), dtype=model_dtype(cfg))
+            base = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model), dtype=model_dtype(cfg),
+                                                        **hf_kwargs(model_options(cfg)))
             merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
             merged.generation_config.pad_token_id = tokenizer.pad_token_id
             merged.save_pretrained(str(tmp))

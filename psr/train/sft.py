@@ -329,6 +329,7 @@ def search_eft(cfg: InitConfig, callbacks: list | None = None) -> tuple[InitConf
     ``cfg.out`` (``ift_pass/``, ``eft_search/``); each part is skipped when it is already there, so a
     killed init resumes. Returns the config that trains M1 on the built file, and the build's stats."""
     from psr.build_eft import run_build_eft
+    from psr.models import model_options
 
     base = Path(cfg.out).parent
     searcher = cfg.model
@@ -348,7 +349,7 @@ def search_eft(cfg: InitConfig, callbacks: list | None = None) -> tuple[InitConf
     out = base / "eft_search" / "eft.jsonl"
     stats = run_build_eft(dataclasses.replace(cfg.eft_search, model=searcher, task=cfg.task, seed=cfg.data_seed,
                                               offset=eft_search_offset(cfg), template=cfg.judge_template,
-                                              out=str(out)))
+                                              out=str(out), **dataclasses.asdict(model_options(cfg))))
     if not stats["rows"]:
         print(f"init: build-eft found no right-vs-wrong pair in {stats['candidates']} candidates "
               f"({stats['labels']}); M1 trains on IFT rows only", file=sys.stderr)

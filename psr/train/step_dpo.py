@@ -83,13 +83,16 @@ class StepDPOConfig(TrainSettings):
 # ---- pairs -----------------------------------------------------------------------------------
 def load_pairs(path: str | Path, need: tuple[str, ...] = REQUIRED) -> list[dict]:
     """Read and check a pairs file; a problem raises :class:`DataError` naming file, line and field."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"pairs file {path} does not exist")
-    if path.is_dir():
+    from psr.tasks.jsonl import is_hub_id, read_rows
+
+    hub = not Path(path).exists() and is_hub_id(str(path))  # a dataset psr's hub block pushed: id:pairs:psr_round_1
+    path = str(path) if hub else Path(path)
+    if not hub and not path.exists():
+        raise DataError(f"pairs file {path} does not exist (or give a hub dataset as id:split or id:config:split)")
+    if not hub and path.is_dir():
         raise DataError(f"pairs file {path} is a directory (expected a JSONL file)")
     rows = []
-    for lineno, row in iter_jsonl(path):
+    for lineno, row in read_rows(path) if hub else iter_jsonl(path):
         for fld in need:
             if fld not in row:
                 raise DataError(f"{path}:{lineno}: missing field '{fld}' (a pair needs {', '.join(need)})")
