@@ -1,0 +1,73 @@
+"""Which self-judge carries signal on the model's own steps? Every judge mode scores the *same* candidates
+(the model's own next steps after each right prefix of held-out problems, labelled by the task's exact
+step check): at the mixed steps (some candidates right, some not), how often the judge's best candidate is
+right, against a random pick among the same candidates (paired per step: gain and its z).
+
+    python benchmarks/self_judge.py --model runs/exp4/init/model --problems 60 --backend vllm \
+        --out results/self_judge/m1.json
+
+Modes: ``logits`` (the paper's judge asked with P(A)/P(B), summed over both orders; margin 0 shows its
+lean), ``likelihood`` and ``consistency`` (psr.self_judges; no ground truth, no judge question). Candidates
+and consistency rollouts run on ``--backend``; logits and likelihood read an HF copy of the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from psr.engines import GenerationConfig, load_generator  # noqa: E402
+from psr.judge import JudgeConfig  # noqa: E402
+from psr.judge_own import mixed_steps, own_candidates, score_own  # noqa: E402
+from psr.models import load_model  # noqa: E402
+from psr.self_judges import make_judge  # noqa: E402
+from psr.tasks import ArithmeticTask  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--problems", type=int, default=60, help="held-out problems (arithmetic test split)")
+    ap.add_argument("--offset", type=int, default=1000, help="skip the test problems the benchmarks evaluate on")
+    ap.add_argument("--width", type=int, default=4)
+    ap.add_argument("--rollouts", type=int, nargs="+", default=[4], help="consistency: rollouts per candidate")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    ap.add_argument("--out", default="results/self_judge/bench.json")
+    args = ap.parse_args()
+    task = ArithmeticTask(min_steps=2, max_steps=4, max_operand=20)  # the experiment's task
+    problems = task.problems("test", args.problems, seed=args.seed, offset=args.offset)
+    engine, tok = load_generator(args.model, gen=GenerationConfig(backend=args.backend))
+    started = time.perf_counter()
+    steps = own_candidates(engine, tok, task, problems, width=args.width, seed=args.seed)
+    result = {"command": "python benchmarks/self_judge.py " + " ".join(sys.argv[1:]), "model": args.model,
+              "problems": args.problems, "width": args.width, "steps": len(steps),
+              "mixed_steps": len(mixed_steps(steps)), "candidate_seconds": round(time.perf_counter() - started, 1),
+              "modes": {}}
+    hf = engine if args.backend == "hf" else load_model(args.model)[0]
+    judges = {"logits (margin 0.1)": (hf, JudgeConfig(aggregation="sum")),
+              "logits (margin 0: its lean)": (hf, JudgeConfig(aggregation="sum", tie_margin=0.0)),
+              "likelihood": (hf, JudgeConfig(mode="likelihood", tie_margin=0.0))}
+    for k in args.rollouts:
+        judges[f"consistency ({k} rollouts)"] = (engine, JudgeConfig(mode="consistency", tie_margin=0.0,
+                                                                      consistency_rollouts=k))
+    for name, (model, cfg) in judges.items():
+        start = time.perf_counter()
+        summary = score_own(make_judge(model, tok, cfg), steps)
+        summary["seconds"] = round(time.perf_counter() - start, 1)
+        result["modes"][name] = summary
+        print(f"{name:<30} kept right {summary['kept_right']} {summary['kept_right_interval']} vs random "
+              f"{summary['random_right']} (gain {summary['gain_over_random']}, z {summary['gain_z']}), "
+              f"ties {summary['ties']}, {summary['seconds']} s", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
