@@ -205,6 +205,38 @@ class FullDecodeStepStopping(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
+class PerRowSampler:
+    """Samples every row of the batch from its own ``torch.Generator`` (last logits processor; ``generate`` then
+    runs greedy, which takes the one token left). A row's draws depend on its seed and its own logits only,
+    not on which rows share its batch or in what order (HF's own sampling draws the whole batch from torch's
+    global generator)."""
+
+    def __init__(self, seeds: list[int]):
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, input_ids, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(scores.float(), dim=-1).cpu()
+        picks = [int(torch.multinomial(probs[r], 1, generator=g)) for r, g in enumerate(self.generators)]
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(len(picks)), torch.tensor(picks, device=scores.device)] = 0.0
+        return out
+
+
+def per_row_kwargs(sampling: SamplingConfig, row_seeds: list[int]) -> dict:
+    """``model.generate`` kwargs that sample ``sampling``'s policy with one seed per row: its warpers as explicit
+    logits processors (EDT or temperature, then top-p, as HF orders them), then ``PerRowSampler``."""
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from psr.sampling import EDTLogitsProcessor
+
+    procs = ([EDTLogitsProcessor(sampling.t0, sampling.n, sampling.theta)] if sampling.policy == "edt"
+             else [TemperatureLogitsWarper(sampling.temperature)])
+    if sampling.top_p < 1:
+        procs.append(TopPLogitsWarper(sampling.top_p))
+    return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None,
+            "logits_processor": [*procs, PerRowSampler(row_seeds)]}
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -219,6 +251,7 @@ def generate(
     seed: int | None = None,
     desc: str = "generating",
     progress: bool = True,
+    seeds: list[list[int]] | None = None,
 ) -> list[list[str]]:
     """Complete every (already chat-templated) prompt ``num_samples`` times.
 
@@ -226,10 +259,14 @@ def generate(
     Prompts are batched by length so that little is padded; ``batch_size`` counts sequences,
     so a batch holds ``max(1, batch_size // num_samples)`` prompts. ``model`` may be a vLLM engine
     (``psr.engines``), which schedules its own batches.
+
+    ``seeds`` (one list of ``num_samples`` ints per prompt): every completion samples from its own generator
+    seeded so, whatever else shares its batch (``PerRowSampler``); the search derives them from (run seed,
+    problem, step, attempt, candidate), so its candidates do not depend on batching or sharding.
     """
     if getattr(model, "is_vllm_engine", False):
         return model.generate(prompts, sampling, max_new_tokens, num_samples, stop_at_step, stop_at_answer,
-                              seed, desc, progress)
+                              seed, desc, progress, seeds=seeds)
     sampling = sampling or SamplingConfig()
     if sampling.policy == "greedy" and num_samples > 1:
         raise ValueError("num_samples > 1 needs a sampling policy (fixed or edt), not greedy")
@@ -247,14 +284,19 @@ def generate(
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(order), per_batch):
         idx = order[start : start + per_batch]
-        batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(model.device)
+        seeded = seeds is not None and sampling.policy != "greedy"
+        # seeded rows sample as greedy over PerRowSampler's pick, and greedy generate returns one sequence per
+        # row: each prompt is repeated num_samples times instead
+        rows = [encoded[i] for i in idx for _ in range(num_samples if seeded else 1)]
+        batch = tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(model.device)
         prompt_len = batch["input_ids"].shape[1]
         stopping = (StoppingCriteriaList([StepBoundaryStopping(tokenizer, prompt_len, at_step=stop_at_step)])
                     if stop_at_step or stop_at_answer else None)
+        kwargs = per_row_kwargs(sampling, [k for i in idx for k in seeds[i]]) if seeded else gen_kwargs
         out = model.generate(
-            **batch, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
+            **batch, max_new_tokens=max_new_tokens, num_return_sequences=1 if seeded else num_samples,
             stopping_criteria=stopping, pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(set(eos)),
-            **gen_kwargs,
+            **kwargs,
         )
         texts = tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
         for j, text in enumerate(texts):
