@@ -14,7 +14,9 @@ merged result equals a single-process run, and (b) a killed search resumes at it
 
 from __future__ import annotations
 
+import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -22,19 +24,19 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from psr.answers import extract_answer
 from psr.chunks import Chunks, made_by
 from psr.config import ConfigError, check_at_least
-from psr.distributed import context, device_for
+from psr.distributed import broadcast, context, device_for
 from psr.engines import GenerationConfig, load_generator, loads_together, release
 from psr.files import write_json_atomic, write_jsonl_atomic
 from psr.generation import generate
+from psr.inflight import make_trace, request_seed, search_units, take_step
 from psr.judge import JudgeConfig, truth_comparison
 from psr.models import ModelOptions
 from psr.pairs import PairsConfig
 from psr.sampling import SamplingConfig
 from psr.self_judges import make_judge
-from psr.steps import has_final_answer, render_prompt
+from psr.steps import render_prompt
 from psr.tasks import TaskConfig, make_task
 from psr.tasks.base import Task
 
@@ -72,6 +74,10 @@ class SearchConfig(ModelOptions):
     pairs: PairsConfig = field(default_factory=PairsConfig)
     chunk_size: int = 8  # problems searched together (batched); also the unit of resume and sharding
     batch_size: int = 48  # sequences per generate call
+    # psr: inflight = every problem of a rank in flight, each advancing on its own (psr.inflight); lockstep =
+    # chunks that advance one phase at a time (search_chunk, before issue 30)
+    driver: Literal["inflight", "lockstep"] = "inflight"
+    inflight: int = 64  # inflight driver: problems in flight per rank (chunks are pulled in as others finish)
     seed: int = 0
     round: int = 1
     dtype: str | None = None
@@ -92,11 +98,15 @@ class SearchConfig(ModelOptions):
 def model_proposer(model, tok, cfg: SearchConfig):
     """``propose([(question, steps so far), ...]) -> [[candidate step] * width, ...]``, batched."""
 
-    def propose(items):
+    def propose(items, keys=None):
+        """``keys``: (problem id, step, attempt) per item: each candidate then samples under its own seed
+        (``psr.inflight.request_seed``), as the in-flight driver's do."""
         prompts = [render_prompt(tok, question, path) for question, path in items]
+        seeds = None if keys is None else [[request_seed(cfg.seed, *key, k) for k in range(cfg.width)] for key in keys]
         return generate(model, tok, prompts, cfg.sampling, cfg.max_step_tokens, cfg.batch_size,
-                        num_samples=cfg.width, stop_at_step=True, progress=False)
+                        num_samples=cfg.width, stop_at_step=True, progress=False, seeds=seeds)
 
+    propose.keyed = True
     return propose
 
 
@@ -107,64 +117,19 @@ def search_chunk(problems, task, propose, judge, cfg: SearchConfig) -> list[dict
     states = [{"problem": p, "path": [], "events": [], "rollbacks": 0, "status": None} for p in problems]
     active = list(states)
     while active:
-        candidates = propose([(s["problem"].question, s["path"]) for s in active])
+        items = [(s["problem"].question, s["path"]) for s in active]
+        if getattr(propose, "keyed", False):  # per-request seeds, as the in-flight driver's
+            candidates = propose(items, [(s["problem"].id, len(s["path"]), len(s["events"])) for s in active])
+        else:
+            candidates = propose(items)
         correct = [[task.check_step(s["problem"], s["path"], c) for c in cands] for s, cands in zip(active, candidates)]
         if judge is None:  # judge.mode "truth": the task's step check (the oracle control arm)
             comparisons = [truth_comparison(c) for c in correct]
         else:
             comparisons = judge.compare([(s["problem"].question, s["path"], c) for s, c in zip(active, candidates)])
-        still = []
-        for s, cands, right, comp in zip(active, candidates, correct, comparisons):
-            event = {
-                "step_index": len(s["path"]), "previous_steps": list(s["path"]), "candidates": cands,
-                "candidate_correct": right, "judgments": comp.order_scores, "scores": comp.scores,
-                "order_disagreements": comp.disagreements, "unparseable": comp.unparseable,
-            }
-            s["events"].append(event)
-            if judge is None and all(r is True for r in right):
-                # Oracle, every candidate right: any will do. Keep the first, learn nothing (no worst,
-                # no pair); the tie rule below is for a judge that cannot tell right from wrong.
-                best, worst = 0, None
-            elif max(comp.scores) == min(comp.scores):  # the judge cannot separate them: roll back
-                event["tie"] = True
-                s["rollbacks"] += 1
-                if s["rollbacks"] > cfg.max_rollbacks:
-                    s["status"] = "gave_up"  # stop here; the steps kept so far (and their pairs) stand
-                    continue
-                if s["path"]:
-                    s["path"].pop()
-                    kept = [e for e in s["events"] if e.get("kept")]
-                    kept[-1]["kept"] = False
-                    kept[-1]["rolled_back"] = True
-                still.append(s)
-                continue
-            else:
-                best = max(range(len(cands)), key=lambda i: (comp.scores[i], -i))
-                worst = min(range(len(cands)), key=lambda i: (comp.scores[i], i))
-            event.update(tie=False, best=best, worst=worst, kept=True)
-            s["path"].append(cands[best])
-            if has_final_answer(cands[best]):
-                s["status"] = "answered"
-            elif not cands[best].strip():
-                s["status"] = "empty_step"
-            elif len(s["path"]) >= cfg.max_steps:
-                s["status"] = "max_steps"
-            else:
-                still.append(s)
-        active = still
-    return [_trace(s, task, "psr") for s in states]
-
-
-def _trace(s: dict, task, method: str) -> dict:
-    p = s["problem"]
-    solution = "\n".join(s["path"])
-    return {
-        "problem_id": p.id, "question": p.question, "gold": p.gold, "method": method,
-        "difficulty": task.difficulty(p), "status": s["status"], "rollbacks": s["rollbacks"],
-        "path": s["path"], "final_answer": extract_answer(solution) if s["path"] else None,
-        "final_correct": bool(s["path"]) and task.check_answer(p, solution),
-        "events": s["events"],
-    }
+        active = [s for s, cands, right, comp in zip(active, candidates, correct, comparisons)
+                  if take_step(s, cands, right, comp, cfg.max_rollbacks, cfg.max_steps, oracle=judge is None)]
+    return [make_trace(s, task, "psr") for s in states]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +159,15 @@ def run_search(cfg: SearchConfig, model=None, tokenizer=None, progress: bool = T
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("pairs", "round")}
     store = Chunks(out / "search_chunks", made_by(settings, cfg.model), problems, cfg.chunk_size, what="search chunk")
     store.prepare()
-    mine = store.pending(rank, world)
+    chunks, chunk_dir = store.chunks, store.root
+    # the in-flight driver queues the paper's judge requests (logits/generate) itself; the self-judges (rollouts,
+    # likelihoods) score whole steps through compare(), in the lockstep driver
+    inflight = cfg.method == "psr" and cfg.driver == "inflight" and cfg.judge.mode in ("logits", "generate", "truth")
+    if inflight:  # ranks take chunks as they go (psr.inflight.claimed_units), not round-robin up front
+        nonce = broadcast(uuid.uuid4().hex if rank == 0 else None)
+        mine = [c for c in range(len(chunks)) if not store.saved(c)]
+    else:
+        mine = store.pending(rank, world)
 
     if mine or (model is None and loads_together(cfg.generation)):
         loaded = model is None
@@ -204,7 +177,9 @@ def run_search(cfg: SearchConfig, model=None, tokenizer=None, progress: bool = T
         started = time.perf_counter()
         bar = tqdm(total=sum(len(store.chunks[c]) for c in mine), desc=f"{cfg.method} search (rank {rank})",
                    unit="problem", disable=not progress, dynamic_ncols=True)
-        for c in mine:
+        if inflight:
+            mine = search_units(model, tokenizer, task, judge, cfg, chunks, mine, chunk_dir, nonce, world, bar)
+        for c in ([] if inflight else mine):
             torch.manual_seed(cfg.seed * 1_000_003 + c)  # per-chunk seed: same result whatever the sharding
             if cfg.method == "psr":
                 traces = search_chunk(store.chunks[c], task, model_proposer(model, tokenizer, cfg), judge, cfg)
@@ -223,6 +198,8 @@ def run_search(cfg: SearchConfig, model=None, tokenizer=None, progress: bool = T
     if rank != 0:
         barrier()
         return {}
+    if inflight:
+        shutil.rmtree(chunk_dir / f"claims.{nonce}", ignore_errors=True)
     traces = store.rows()
     write_jsonl_atomic(out / "search.jsonl", traces)
     if tokenizer is None:

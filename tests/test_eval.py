@@ -66,9 +66,9 @@ def test_evaluation_stops_at_the_answer_line_and_grades_the_same_text(tiny):
     assert cut_after_answer("Step 1: \\boxed{4") == "Step 1: \\boxed{4"  # no complete answer: all of it
     model, tok = tiny
     prompt = tok("Q?", add_special_tokens=False)["input_ids"]
-    stop = StepBoundaryStopping(tok, len(prompt), at_step=False)
 
-    def done(t):
+    def done(t):  # a fresh criterion per text: it keeps each row's scan state across decode steps
+        stop = StepBoundaryStopping(tok, len(prompt), at_step=False)
         return bool(stop(torch.tensor([prompt + tok(t, add_special_tokens=False)["input_ids"]]), None)[0])
 
     assert not done("Step 1: 2 + 2 = 4.\nStep 2:")  # a whole solution goes on across steps

@@ -276,11 +276,10 @@ def test_a_blank_line_before_the_step_marker_is_not_an_empty_step(tiny):
     assert cut_at_step_boundary("Step 1: Add 1 to it. Step 2: Add 3 to it.") == "Step 1: Add 1 to it."
     _, tok = tiny
     prompt = tok("Question?", add_special_tokens=False)["input_ids"]
-    stop = StepBoundaryStopping(tok, len(prompt))
 
-    def done(text):
+    def done(text):  # a fresh criterion per text: it keeps each row's scan state across decode steps
         ids = torch.tensor([prompt + tok(text, add_special_tokens=False)["input_ids"]])
-        return bool(stop(ids, None)[0])
+        return bool(StepBoundaryStopping(tok, len(prompt))(ids, None)[0])
 
     assert not done("\nStep 2: 3 + 4")  # the step has only begun
     assert done("\nStep 2: 3 + 4 = 7.\nStep 3:")

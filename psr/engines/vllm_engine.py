@@ -93,8 +93,13 @@ class VLLMEngine:
 
     def generate(self, prompts: list[str], sampling: SamplingConfig | None = None, max_new_tokens: int = 384,
                  num_samples: int = 1, stop_at_step: bool = False, stop_at_answer: bool = False,
-                 seed: int | None = None, desc: str = "generating", progress: bool = True) -> list[list[str]]:
-        """As :func:`psr.generation.generate`: ``num_samples`` completions of each prompt, in order."""
+                 seed: int | None = None, desc: str = "generating", progress: bool = True,
+                 seeds: list[list[int]] | None = None) -> list[list[str]]:
+        """As :func:`psr.generation.generate`: ``num_samples`` completions of each prompt, in order.
+
+        Every completion is a request of its own (``n=1``) with its own seed: ``seeds[i][k]`` when given, else
+        a hash of (a base drawn from torch's RNG, i, k). vLLM seeds the k-th sample of an ``n>1`` request
+        ``seed + k``, so prompts seeded ``base + i`` shared streams with their neighbours."""
         sampling = sampling or SamplingConfig()
         if sampling.policy == "greedy" and num_samples > 1:
             raise ValueError("num_samples > 1 needs a sampling policy (fixed or edt), not greedy")
@@ -105,16 +110,40 @@ class VLLMEngine:
         # Each request gets its own seed, drawn from torch's RNG, which a search seeds per chunk: the same
         # candidates on every run whatever vLLM's scheduling (the global generator's draws would follow the
         # batch's make-up, which prefix-cache hits change), as with HF.
-        # vLLM seeds a request's k-th sample seed + k, so prompt i takes seeds base + i*n .. base + i*n + n - 1:
-        # no two samples of a call share a stream (base + i did: prompt i's 2nd sample was prompt i+1's 1st),
-        # and a 62-bit base makes two calls' ranges meeting practically impossible.
-        base = int(torch.randint(0, 2**62, ()).item())
+        if seeds is None:
+            from psr.inflight import mix_seed
+
+            base = int(torch.randint(0, 2**31 - 1, ()).item())
+            seeds = [[mix_seed(base, i, k) for k in range(num_samples)] for i in range(len(prompts))]
         stop = "step" if stop_at_step else "answer" if stop_at_answer else None
-        params = [self._params(sampling, stop, n=num_samples, max_tokens=max_new_tokens, seed=base + i * num_samples)
-                  for i in range(len(prompts))]
-        outs = self.llm.generate(self._ids(prompts), params, use_tqdm=progress)
+        ids = self._ids(prompts)
+        requests = [(ids[i], self._params(sampling, stop, n=1, max_tokens=max_new_tokens, seed=seeds[i][k]))
+                    for i in range(len(prompts)) for k in range(num_samples)]
+        outs = self.llm.generate([r[0] for r in requests], [r[1] for r in requests], use_tqdm=progress)
         cut = cut_at_step_boundary if stop_at_step else (cut_after_answer if stop_at_answer else None)
-        return [[(cut(o.text) if cut else o.text).strip() for o in out.outputs] for out in outs]
+        texts = [(cut(o.outputs[0].text) if cut else o.outputs[0].text).strip() for o in outs]
+        return [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
+
+    # -- a request queue that a driver keeps full (continuous batching; psr.inflight) ----------------------
+    def sample_params(self, sampling: SamplingConfig, max_new_tokens: int, seed: int | None, stop: str | None):
+        """One completion's ``SamplingParams`` (``stop``: "step", "answer" or None)."""
+        return self._params(sampling, stop, n=1, max_tokens=max_new_tokens, seed=seed)
+
+    def choice_params(self, token_ids: list[int]):
+        """The params of a ``choice_probs`` request: one greedy token, the log-probabilities of ``token_ids``."""
+        return self._params(SamplingConfig(policy="greedy"), max_tokens=1, logprob_token_ids=list(token_ids))
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params) -> None:
+        from vllm.inputs import TokensPrompt
+
+        self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(prompt_ids)), params)
+
+    def step(self) -> list:
+        """One engine step; the requests that finished in it (``RequestOutput``)."""
+        return [o for o in self.llm.llm_engine.step() if o.finished]
+
+    def has_unfinished_requests(self) -> bool:
+        return self.llm.llm_engine.has_unfinished_requests()
 
     def choice_probs(self, prompts: list[str], token_ids: list[int], progress: bool = False) -> torch.Tensor:
         """Softmax over just ``token_ids`` for the token after each prompt: [len(prompts), len(token_ids)].

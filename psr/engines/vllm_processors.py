@@ -7,7 +7,8 @@ through ``SamplingParams.extra_args`` (``VLLMEngine`` sets them):
   which is where HF runs ``EDTLogitsProcessor`` (before its top-p warper). Dividing a row by a positive T,
   or keeping only its argmax, leaves the argmax in place, so it is argmax-invariant and greedy rows skip it.
 - ``VLLMStepStopProcessor`` (``extra_args["psr_stop"] = [at_step, eos_id]``): HF's ``StepBoundaryStopping``
-  (``stop_reached`` on the decoded completion), ending a row by forcing its end token. vLLM's own stop
+  (``stop_reached`` on the decoded completion, in O(new tokens) per decode step through ``StepStopTracker``),
+  ending a row by forcing its end token. vLLM's own stop
   strings cannot say it: they fire on a leading "\\nStep 2:" that HF strips and keeps, and no string
   says "the line of a complete \\boxed{} has ended".
 """
@@ -18,7 +19,7 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from psr.generation import stop_reached
+from psr.generation import StepStopTracker
 from psr.sampling.edt import EDTLogitsProcessor
 
 EDT_KEY = "psr_edt"
@@ -71,8 +72,8 @@ class VLLMStepStopProcessor(LogitsProcessor):
         from transformers import AutoTokenizer
 
         self.tok = AutoTokenizer.from_pretrained(vllm_config.model_config.tokenizer) if vllm_config else None
-        # batch index -> (at_step, eos id, the request's live list of output token ids)
-        self.rows: dict[int, tuple[bool, int, list[int]]] = {}
+        # batch index -> (eos id, the request's live list of output token ids, its incremental stop check)
+        self.rows: dict[int, tuple[int, list[int], StepStopTracker]] = {}
 
     def is_argmax_invariant(self) -> bool:
         return False  # it changes what greedy rows pick
@@ -80,13 +81,13 @@ class VLLMStepStopProcessor(LogitsProcessor):
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         def state(params, _prompt, output_ids):
             value = _extra(params, STOP_KEY)
-            return None if value is None else (bool(value[0]), int(value[1]), output_ids)
+            return None if value is None else (int(value[1]), output_ids, StepStopTracker(self.tok, bool(value[0])))
 
         process_dict_updates(self.rows, batch_update, state)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        for index, (at_step, eos, output_ids) in self.rows.items():
-            if output_ids and stop_reached(self.tok.decode(output_ids, skip_special_tokens=True), at_step):
+        for index, (eos, output_ids, tracker) in self.rows.items():
+            if tracker.update(output_ids):  # decodes only the ids added since the last step
                 logits[index] = float("-inf")
                 logits[index, eos] = 0.0
         return logits
