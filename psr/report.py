@@ -1,12 +1,20 @@
 """``psr report runs/NAME``: report.md and PNG plots of a run, from its stage artifacts alone.
 
-Plots: accuracy per round per benchmark (PSR and SRLM on the same axes), the judge's accuracy and
-order agreement per round, pairs per round and how often chosen steps are right and rejected steps
-wrong, steps per solution and mean step length (paper Table 4), DPO loss and reward-margin curves.
+Plots: accuracy per model per benchmark with 95% Wilson intervals (PSR, SRLM and the oracle arm on the
+same axes; maj@k, pass@k and the test-time search beside greedy when the run measured them), the
+judge's accuracy and order agreement per model, pairs per round and how often chosen steps are right
+and rejected steps wrong, steps per solution and mean step length (paper Table 4), DPO loss and
+reward-margin curves.
+
+Significance: every model is compared with M1 (M1 with M0) on the same problems, paired by problem;
+the table gives each comparison's z and two-sided p, and Holm's correction over all the comparisons of
+the report decides which differences are called significant (family-wise 5%). Each arm is one training
+run: the intervals cover which problems were drawn, not the spread between training runs (seeds).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -32,13 +40,53 @@ def _load(path: Path) -> dict | None:
 
 def _load_eval(d: Path) -> dict | None:
     """A model's eval.json, each benchmark with the share of its solutions that give a final answer
-    (from eval_<name>.json's outputs): a model that stops answering shows here first."""
+    (``answered``, as the evaluation recorded it; runs older than that field count it from
+    eval_<name>.json's outputs): a model that stops answering shows here first."""
     e = _load(d / "eval.json")
     for name, b in ((e or {}).get("benchmarks") or {}).items():
+        if b.get("answered") is not None:
+            continue
         rows = (_load(d / f"eval_{name}.json") or {}).get("problems")
         if rows:
             b["answered"] = sum(has_final_answer(r["output"]) for r in rows) / len(rows)
+            b.setdefault("n", len(rows))
     return e
+
+
+def wilson(share: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (stays inside [0, 1], sensible at 0 and 1)."""
+    if not n:
+        return (0.0, 1.0)
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
+    return (0.0 if share <= 0 else max(0.0, centre - half), 1.0 if share >= 1 else min(1.0, centre + half))
+
+
+def two_sided_p(z: float) -> float:
+    """Two-sided p-value of a standard normal z."""
+    return math.erfc(abs(z) / math.sqrt(2))
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (same order as given): reject where adjusted p < alpha
+    controls the family-wise error rate at alpha over all the comparisons."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted, running = [0.0] * len(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+# Per benchmark, the measures beside greedy accuracy that an eval may hold (maj@k, pass@k with
+# `samples`, the step-wise search at inference with `test_time_search`), in the order shown.
+def _extra_measures(e: dict, bench: str) -> list[str]:
+    b = (e.get("benchmarks") or {}).get(bench) or {}
+    keys = sorted(k for k in b if k.startswith(("maj@", "pass@")))
+    return keys + (["test_time_search_accuracy"] if b.get("test_time_search_accuracy") is not None else [])
+
+
+_SHORT = {"test_time_search_accuracy": "test-time search"}
 
 
 def collect(run_dir: str | Path) -> dict:
@@ -82,16 +130,34 @@ def _benchmarks(data: dict) -> list[str]:
     return names
 
 
-def _plot_lines(ax, data, value, ylabel, title):
+def _plot_lines(ax, data, value, ylabel, title, share=False, n_of=None):
+    """One line per method and series over the models M0, M1, M2, ... (x = the model's index, integer
+    ticks). ``share``: a rate, drawn within [0, 1]; ``n_of(e, series)`` gives the sample size behind a
+    point, which draws its 95% Wilson interval."""
     methods = list(data["methods"]) or [None]
-    for method in methods:
+    longest = 0
+    for k, method in enumerate(methods):
         for series, fn in value.items():
-            pts = [(label, fn(e)) for label, e in _points(data, method)]
-            pts = [(label, v) for label, v in pts if v is not None]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                        label=f"{method.upper() + ' ' if method else ''}{series}",
-                        linestyle={None: "-", "psr": "-", "srlm": "--"}.get(method, ":"))
+            pts = [(int(label[1:]), fn(e), (n_of(e, series) if n_of else None)) for label, e in _points(data, method)]
+            pts = [p for p in pts if p[1] is not None]
+            if not pts:
+                continue
+            longest = max(longest, max(p[0] for p in pts))
+            # methods share M0 and M1: shift each a little so that overlapping intervals stay readable
+            xs = [p[0] + 0.06 * (k - (len(methods) - 1) / 2) for p in pts]
+            ys = [p[1] for p in pts]
+            style = dict(marker="o", label=f"{method.upper() + ' ' if method else ''}{series}",
+                         linestyle={None: "-", "psr": "-", "srlm": "--"}.get(method, ":"))
+            if n_of and all(p[2] for p in pts):
+                lo_hi = [wilson(y, n) for y, (_, _, n) in zip(ys, pts)]
+                err = [[y - lo for y, (lo, _) in zip(ys, lo_hi)], [hi - y for y, (_, hi) in zip(ys, lo_hi)]]
+                ax.errorbar(xs, ys, yerr=err, capsize=3, **style)
+            else:
+                ax.plot(xs, ys, **style)
+    ax.set_xticks(range(longest + 1), [f"M{i}" for i in range(longest + 1)])
+    ax.set_xlabel("model (M0 base, M1 after init, M(r+1) after round r)")
+    if share:
+        ax.set_ylim(0, 1)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -111,14 +177,23 @@ def write_plots(run_dir: Path, data: dict) -> list[str]:
     bench = _benchmarks(data)
 
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    _plot_lines(ax, data, {b: (lambda e, b=b: e.get("benchmarks", {}).get(b, {}).get("accuracy")) for b in bench},
-                "accuracy (greedy pass@1)", "Held-out accuracy per model")
+    series = {}
+    for b in bench:
+        series[b] = (b, "accuracy")
+        extras = []
+        for _, e in _points(data, None) + [p for m in data["methods"] for p in _points(data, m)]:
+            extras += [k for k in _extra_measures(e, b) if k not in extras]
+        series.update({f"{b} {_SHORT.get(k, k)}": (b, k) for k in extras})
+    _plot_lines(ax, data, {name: (lambda e, b=b, k=k: e.get("benchmarks", {}).get(b, {}).get(k))
+                           for name, (b, k) in series.items()},
+                "accuracy (greedy pass@1 unless named)", "Held-out accuracy per model (95% Wilson intervals)",
+                share=True, n_of=lambda e, name: (e.get("benchmarks", {}).get(series[name][0]) or {}).get("n"))
     files.append(_save(fig, run_dir / "accuracy.png"))
 
     fig, ax = plt.subplots(figsize=(6.4, 4))
     _plot_lines(ax, data, {"judge accuracy": lambda e: (e.get("judge") or {}).get("accuracy"),
                            "order agreement": lambda e: (e.get("judge") or {}).get("order_agreement")},
-                "rate", "Step judge on held-out pairs")
+                "rate", "Step judge on held-out pairs", share=True)
     files.append(_save(fig, run_dir / "judge.png"))
 
     if data["methods"]:
@@ -134,6 +209,9 @@ def write_plots(run_dir: Path, data: dict) -> list[str]:
                         label=f"{method.upper()} chosen right")
                 a2.plot([r for r, _ in truth], [t["rejected_wrong"] for _, t in truth], marker="s", linestyle="--",
                         label=f"{method.upper()} rejected wrong")
+        last = max(c["round"] for chain in data["methods"].values() for c in chain)
+        for a in (a1, a2):
+            a.set_xticks(range(1, last + 1))
         a1.set(xlabel="round", ylabel="pairs", title="Preference pairs per round")
         a1.legend(fontsize=8)
         a2.set(xlabel="round", ylabel="rate", ylim=(0, 1.05), title="Pair correctness (task truth)")
@@ -150,7 +228,7 @@ def write_plots(run_dir: Path, data: dict) -> list[str]:
         _plot_lines(a2, data, {b0: lambda e: e.get("benchmarks", {}).get(b0, {}).get("mean_step_chars")},
                     "characters", "Mean step length")
         _plot_lines(a3, data, {b0: lambda e: e.get("benchmarks", {}).get(b0, {}).get("answered")},
-                    "share", "Solutions that give a final answer")
+                    "share", "Solutions that give a final answer", share=True)
         files.append(_save(fig, run_dir / "steps.png"))
 
     curves = [(m, c["round"], c["train_log"]) for m, chain in data["methods"].items() for c in chain if c["train_log"]]
@@ -173,7 +251,18 @@ def write_plots(run_dir: Path, data: dict) -> list[str]:
 
 def summary_rows(data: dict) -> list[list[str]]:
     bench = _benchmarks(data)
-    header = ["model", "method", *bench, *([f"answered ({bench[0]})"] if bench else []), "judge acc", "order agree",
+    evals = [e for _, e in _points(data, None) + [p for m in data["methods"] for p in _points(data, m)]]
+    # per benchmark: greedy accuracy, then what the evals measured beside it, then the answered share
+    cols = []
+    for b in bench:
+        cols.append((b, b, "accuracy"))
+        extras = []
+        for e in evals:
+            extras += [k for k in _extra_measures(e, b) if k not in extras]
+        cols += [(f"{b} {_SHORT.get(k, k)}", b, k) for k in extras]
+        if any(((e.get("benchmarks") or {}).get(b) or {}).get("answered") is not None for e in evals):
+            cols.append((f"answered ({b})", b, "answered"))
+    header = ["model", "method", *[c[0] for c in cols], "judge acc", "order agree",
               "pairs", "chosen right", "rejected wrong", "ties", "own steps: kept right / random"]
     rows = [header]
 
@@ -184,8 +273,7 @@ def summary_rows(data: dict) -> list[list[str]]:
         j = (e or {}).get("judge") or {}
         truth = (pairs or {}).get("truth") or {}
         benchmarks = (e or {}).get("benchmarks", {})
-        return [label, method, *[fmt((benchmarks.get(b) or {}).get("accuracy")) for b in bench],
-                *([fmt((benchmarks.get(bench[0]) or {}).get("answered"))] if bench else []),
+        return [label, method, *[fmt((benchmarks.get(b) or {}).get(k)) for _, b, k in cols],
                 fmt(j.get("accuracy")), fmt(j.get("order_agreement")), fmt((pairs or {}).get("pairs")),
                 fmt(truth.get("chosen_right")), fmt(truth.get("rejected_wrong")), fmt((pairs or {}).get("tie_rate")),
                 own_steps(pairs)]
@@ -223,25 +311,44 @@ def _correct_by_id(d: Path, bench: str) -> dict:
     return {r["id"]: bool(r["correct"]) for r in rows}
 
 
-def difference_rows(run_dir: Path, data: dict) -> list[list[str]]:
-    """Every model against M1 (and M1 against M0), per benchmark: is the change more than noise?"""
-    rows = [["model", "benchmark", "n", "accuracy", "vs M1", "95% interval", "z"]]
+def difference_rows(run_dir: Path, data: dict, alpha: float = 0.05) -> list[list[str]]:
+    """Every model against M1 (and M1 against M0), per benchmark: is the change more than noise?
+    Each comparison's two-sided p, and Holm's adjusted p over all the comparisons of the table (those
+    with a z: a model whose answers did not change at all is no test): "yes" where it is below
+    ``alpha``, i.e. significant with the family-wise error rate held at ``alpha``."""
+    rows = [["model", "benchmark", "n", "accuracy", "vs M1", "95% interval", "z", "p", "Holm p", "significant"]]
     chain = [("M1", "init")] + [(f"M{c['round'] + 1} {m.upper()}", f"{m}/round_{c['round']}")
                                  for m, cs in data["methods"].items() for c in cs]
+    found = []
     for bench in _benchmarks(data):
         m1 = _correct_by_id(run_dir / "init", bench)
         for label, sub in chain:
             mine = _correct_by_id(run_dir / sub, bench)
             base, vs = (_correct_by_id(run_dir / "m0", bench), "M0") if label == "M1" else (m1, "M1")
             diff = paired_difference(base, mine)
-            if diff is None:
-                continue
-            lo, hi = diff["interval"]
-            acc = sum(mine.values()) / len(mine)
-            z = "—" if diff["z"] is None else f"{diff['z']:.2f}"
-            rows.append([label, bench, str(diff["n"]), f"{acc:.3f}", f"{diff['difference']:+.3f} (vs {vs})",
-                         f"{lo:+.3f} to {hi:+.3f}", z])
+            if diff is not None:
+                found.append((label, bench, vs, diff, sum(mine.values()) / len(mine)))
+    tested = [i for i, f in enumerate(found) if f[3]["z"] is not None]
+    adjusted = dict(zip(tested, holm([two_sided_p(found[i][3]["z"]) for i in tested])))
+    for i, (label, bench, vs, diff, acc) in enumerate(found):
+        lo, hi = diff["interval"]
+        z = diff["z"]
+        p = None if z is None else two_sided_p(z)
+        rows.append([label, bench, str(diff["n"]), f"{acc:.3f}", f"{diff['difference']:+.3f} (vs {vs})",
+                     f"{lo:+.3f} to {hi:+.3f}", "—" if z is None else f"{z:.2f}",
+                     "—" if p is None else f"{p:.3g}", "—" if i not in adjusted else f"{adjusted[i]:.3g}",
+                     "—" if i not in adjusted else ("yes" if adjusted[i] < alpha else "no")])
     return rows
+
+
+def significance_note(diffs: list[list[str]]) -> str:
+    """How to read the difference table: the rule, corrected for the number of comparisons, and what
+    the intervals do not cover."""
+    m = sum(r[8] != "—" for r in diffs[1:])
+    return (f"Paired by problem; z and two-sided p per comparison. \"significant\" uses Holm's correction over "
+            f"the {m} comparisons with a z in this table (family-wise error 5%); an uncorrected |z| >= 2 would "
+            f"call about one in twenty of them significant by chance. Each arm is one training run (one seed): "
+            f"the intervals cover the sampling of held-out problems, not the spread between training runs.")
 
 
 def _share(x) -> str:
@@ -264,7 +371,7 @@ def summary_table(run_dir: str | Path) -> str:
     data = collect(run_dir)
     text = _plain(summary_rows(data))
     diffs = difference_rows(Path(run_dir), data)
-    return text + ("\n\nagainst M1, paired by problem (|z| >= 2: more than noise):\n" + _plain(diffs)
+    return text + ("\n\nagainst M1 (M1 against M0):\n" + _plain(diffs) + "\n" + significance_note(diffs)
                    if len(diffs) > 1 else "")
 
 
@@ -280,15 +387,16 @@ def write_report(run_dir: str | Path) -> Path:
     data = collect(run_dir)
     plots = write_plots(run_dir, data)
     lines = [f"# Run report: {run_dir.name}", "",
-             "Accuracy is greedy pass@1 on held-out problems; the judge is scored on held-out right-vs-corrupted "
-             "step pairs (both orders); pairs' correctness uses the task's step truth, which never feeds PSR's or "
-             "SRLM's pairs (the ORACLE arm, when run, is judged by it: what a perfect judge would give).", "",
+             "Accuracy is greedy pass@1 on held-out problems, graded by the first final answer a solution gives "
+             "(none is wrong; \"answered\" is the share that gives one); the judge is scored on held-out "
+             "right-vs-corrupted step pairs (both orders); pairs' correctness uses the task's step truth, "
+             "which never feeds PSR's or SRLM's pairs (the ORACLE arm, when run, is judged by it: what a "
+             "perfect judge would give).", "",
              markdown_table(summary_rows(data)), ""]
     diffs = difference_rows(run_dir, data)
     if len(diffs) > 1:
-        lines += ["Each model against M1 (M1 against M0) on the same held-out problems, paired by problem: the "
-                  "difference in accuracy, its 95% interval and z (|z| >= 2: more than noise).", "",
-                  markdown_table(diffs), ""]
+        lines += ["Each model against M1 (M1 against M0) on the same held-out problems: the difference in "
+                  "accuracy and its 95% interval.", "", markdown_table(diffs), "", significance_note(diffs), ""]
     for method, chain in data["methods"].items():
         for c in chain:
             if c["pairs"]:

@@ -35,3 +35,71 @@ def test_report_lists_each_model_against_m1(tmp_path):
     from psr.report import summary_table
 
     assert "M2 PSR  arith      40  0.500     +0.300 (vs M1)" in summary_table(tmp_path)
+
+
+def test_wilson_and_holm_against_hand_values():
+    from psr.report import holm, two_sided_p, wilson
+
+    lo, hi = wilson(0.0, 48)
+    assert lo == 0.0 and 0.07 < hi < 0.08                 # 0 of 48: [0, 0.074], never below 0
+    lo, hi = wilson(0.5, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    assert two_sided_p(1.96) == pytest.approx(0.05, abs=1e-3)
+    # Holm: sorted 0.01, 0.02, 0.03 with m = 3 -> 0.03, 0.04, 0.04 (monotone), back in the given order
+    assert holm([0.03, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
+    assert holm([0.9, 0.8]) == pytest.approx([1.0, 1.0])
+
+
+def test_report_corrects_for_the_number_of_comparisons(tmp_path):
+    # z 2.5 uncorrected, but one of 7 comparisons: Holm does not call it significant
+    _eval(tmp_path / "m0", [False] * 100)
+    _eval(tmp_path / "init", [True] * 20 + [False] * 80)
+    # round 1 gains 6 problems (z 2.5, p 0.012); rounds 2-6 move by 1-2 problems; round 7 by none
+    for r, gained in ((1, 6), (2, 1), (3, -1), (4, 2), (5, -2), (6, 1), (7, 0)):
+        _eval(tmp_path / "psr" / f"round_{r}", [True] * (20 + gained) + [False] * (80 - gained))
+    report = write_report(tmp_path).read_text()
+    assert "Holm" in report and "one training run" in report
+    m1 = next(line for line in report.splitlines() if line.startswith("| M1 | arith"))
+    m2 = next(line for line in report.splitlines() if line.startswith("| M2 PSR | arith"))
+    assert m1.endswith("| yes |")                          # 0.2 vs 0: z 5, survives the correction
+    z = float(m2.split("|")[7])
+    assert 2.0 <= z and m2.endswith("| no |")              # uncorrected rule would have said "more than noise"
+    assert "| M8 PSR | arith | 100 | 0.200 | +0.000 (vs M1) | +0.000 to +0.000 | — | — | — | — |" in report
+    assert "the 7 comparisons with a z" in report
+
+
+def test_report_shows_sampled_measures_answered_share_and_bounded_plots(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from psr import report as rep
+
+    for sub, acc in (("m0", 0.0), ("init", 0.25), ("psr/round_1", 0.5)):
+        d = tmp_path / sub
+        d.mkdir(parents=True)
+        b = {"n": 4, "accuracy": acc, "answered": 0.75, "maj@4": acc, "pass@4": 1.0}
+        if sub != "m0":
+            b["test_time_search_accuracy"] = 0.5
+        (d / "eval.json").write_text(json.dumps({"benchmarks": {"arith": b}}))
+    report = write_report(tmp_path).read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| model | method"))
+    for col in ("arith maj@4", "arith pass@4", "arith test-time search", "answered (arith)"):
+        assert col in header
+    assert "| M2 | PSR round 1 | 0.500 | 0.500 | 1.000 | 0.500 | 0.750 |" in report
+    # the accuracy plot: y within [0, 1], integer ticks named by model, error bars drawn
+    seen = {}
+    real = rep._save
+
+    def keep(fig, path):
+        seen[path.name] = fig.axes[0]
+        return real(fig, path)
+
+    rep._save = keep
+    try:
+        rep.write_plots(tmp_path, rep.collect(tmp_path))
+    finally:
+        rep._save = real
+    ax = seen["accuracy.png"]
+    assert ax.get_ylim() == (0.0, 1.0)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["M0", "M1", "M2"]
+    assert ax.containers                                    # errorbar containers: the Wilson intervals
