@@ -97,6 +97,23 @@ class RunConfig:
         check_at_least(self, 1, "problems_per_round")
         if len({b.name for b in self.benchmarks}) != len(self.benchmarks):
             raise ValueError("benchmark names must be unique")
+        self._check_context()
+
+    def _check_context(self) -> None:
+        """A completion budget as long as the whole context would make every prompt too long (psr.lengths):
+        refused when the config is read, not after hours of stages that count everything as too_long."""
+        limit = self.generation.max_model_len
+        if limit is None:
+            return
+        budgets = {f"benchmarks[{b.name}].max_new_tokens": b.max_new_tokens for b in self.benchmarks}
+        budgets["search.max_step_tokens"] = self.search.max_step_tokens
+        budgets["search.srlm.max_new_tokens"] = self.search.srlm.max_new_tokens
+        if self.search.judge.mode == "generate":
+            budgets["search.judge.max_new_tokens"] = self.search.judge.max_new_tokens
+        for key, n in budgets.items():
+            if n >= limit:
+                raise ValueError(f"{key} is {n}, but generation.max_model_len is {limit}: no prompt would fit "
+                                 "beside it; raise max_model_len or lower the budget")
 
 
 @dataclass

@@ -89,9 +89,14 @@ def model_proposer(model, tok, cfg: SearchConfig):
     """``propose([(question, steps so far), ...]) -> [[candidate step] * width, ...]``, batched."""
 
     def propose(items):
+        from psr.lengths import fits
+
         prompts = [render_prompt(tok, question, path) for question, path in items]
-        return generate(model, tok, prompts, cfg.sampling, cfg.max_step_tokens, cfg.batch_size,
-                        num_samples=cfg.width, stop_at_step=True, progress=False)
+        # a prompt without room for a whole step is not sent: None, and the problem stops (psr.lengths)
+        ok = fits(model, tok, prompts, cfg.max_step_tokens)
+        out = iter(generate(model, tok, [p for p, k in zip(prompts, ok) if k], cfg.sampling, cfg.max_step_tokens,
+                            cfg.batch_size, num_samples=cfg.width, stop_at_step=True, progress=False))
+        return [next(out) if k else None for k in ok]
 
     return propose
 
@@ -104,6 +109,13 @@ def search_chunk(problems, task, propose, judge, cfg: SearchConfig) -> list[dict
     active = list(states)
     while active:
         candidates = propose([(s["problem"].question, s["path"]) for s in active])
+        for s, cands in zip(active, candidates):
+            if cands is None:  # the next step's prompt does not fit the context (psr.lengths): stop here
+                s["status"] = "too_long"
+        kept = [(s, c) for s, c in zip(active, candidates) if c is not None]
+        active, candidates = [s for s, _ in kept], [c for _, c in kept]
+        if not active:
+            break
         correct = [[task.check_step(s["problem"], s["path"], c) for c in cands] for s, cands in zip(active, candidates)]
         if judge is None:  # judge.mode "truth": the task's step check (the oracle control arm)
             comparisons = [truth_comparison(c) for c in correct]
@@ -115,6 +127,8 @@ def search_chunk(problems, task, propose, judge, cfg: SearchConfig) -> list[dict
                 "step_index": len(s["path"]), "previous_steps": list(s["path"]), "candidates": cands,
                 "candidate_correct": right, "judgments": comp.order_scores, "scores": comp.scores,
                 "order_disagreements": comp.disagreements, "unparseable": comp.unparseable,
+                **({"judge_elided_steps": comp.elided} if comp.elided else {}),
+                **({"judge_too_long": True} if comp.too_long else {}),
             }
             s["events"].append(event)
             if judge is None and all(r is True for r in right):
@@ -161,6 +175,16 @@ def _trace(s: dict, task, method: str) -> dict:
         "final_correct": bool(s["path"]) and task.check_answer(p, solution),
         "events": s["events"],
     }
+
+
+def context_counts(traces: list[dict]) -> dict:
+    """What the length guard did in a search (psr.lengths): problems stopped because their next prompt did
+    not fit, steps judged without their earliest steps, steps not judged at all, SRLM samples left unscored."""
+    events = [e for t in traces for e in t.get("events", [])]
+    return {"problems_too_long": sum(t.get("status") == "too_long" for t in traces),
+            "judge_steps_elided": sum(bool(e.get("judge_elided_steps")) for e in events),
+            "judge_too_long": sum(bool(e.get("judge_too_long")) for e in events),
+            "samples_unscored_too_long": sum(t.get("too_long", 0) for t in traces)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,6 +271,7 @@ def run_search(cfg: SearchConfig, model=None, tokenizer=None, progress: bool = T
     pairs = build_pairs(traces, tokenizer, cfg.pairs, round_index=cfg.round)
     write_jsonl_atomic(out / "pairs.jsonl", pairs)
     stats = pair_stats(traces, pairs)
+    stats["context"] = context_counts(traces)
     stats["config"] = asdict(cfg)
     (out / "pair_stats.json").write_text(json.dumps(stats, indent=2))
     barrier()

@@ -59,9 +59,23 @@ class RubricJudge:
         text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return text + self.prefix if for_logits else text
 
+    def fits(self, items: list[tuple[str, str]]) -> list[bool]:
+        """Does each rubric prompt leave room for the reply (one token for logits, else max_new_tokens)?"""
+        from psr.lengths import fits
+
+        logits = self.mode != "generate"
+        return fits(self.model, self.tok, [self._prompt(q, r, logits) for q, r in items],
+                    1 if logits else self.max_new_tokens)
+
     @torch.no_grad()
     def score(self, items: list[tuple[str, str]]) -> tuple[list[float | None], int]:
-        """Scores for (question, response) items (None: unparseable reply) and how many were unparseable."""
+        """Scores for (question, response) items (None: unparseable reply, or a rubric prompt that does not fit
+        the context, psr.lengths) and how many were unparseable."""
+        ok = self.fits(items)
+        if not all(ok):
+            scores, unparseable = self.score([it for it, k in zip(items, ok) if k]) if any(ok) else ([], 0)
+            it = iter(scores)
+            return [next(it) if k else None for k in ok], unparseable
         if self.mode == "generate":
             replies = generate(self.model, self.tok, [self._prompt(q, r, False) for q, r in items],
                                max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, progress=False)
@@ -86,12 +100,20 @@ class RubricJudge:
 
 def srlm_chunk(problems, task, model, tok, cfg) -> list[dict]:
     """Sample ``cfg.srlm.samples`` whole solutions per problem and score them with the rubric."""
+    from psr.lengths import fits
+
     k = cfg.srlm.samples
     prompts = [render_prompt(tok, p.question) for p in problems]
-    samples = generate(model, tok, prompts, cfg.sampling, cfg.srlm.max_new_tokens, cfg.batch_size,
-                       num_samples=k, progress=False)
+    # a question without room for a whole solution is not sampled: no samples, no scores (psr.lengths)
+    ok = fits(model, tok, prompts, cfg.srlm.max_new_tokens)
+    sampled = iter(generate(model, tok, [q for q, f in zip(prompts, ok) if f], cfg.sampling, cfg.srlm.max_new_tokens,
+                            cfg.batch_size, num_samples=k, progress=False))
+    samples = [next(sampled) if f else [""] * k for f in ok]
     judge = RubricJudge(model, tok, cfg.srlm.judge_mode, cfg.srlm.judge_max_new_tokens, cfg.judge.batch_size)
-    scores, _ = judge.score([(p.question, s) for p, ss in zip(problems, samples) for s in ss])
+    items = [(p.question, s) for p, ss, f in zip(problems, samples, ok) if f for s in ss]
+    fit_scores, rubric_fits = iter(judge.score(items)[0]), iter(judge.fits(items))
+    scores = [next(fit_scores) if f else None for f in ok for _ in range(k)]
+    unscored = [0 if not f else sum(not next(rubric_fits) for _ in range(k)) for f in ok]  # rubric prompt too long
     traces = []
     for n, (p, ss) in enumerate(zip(problems, samples)):
         sc = scores[n * k : (n + 1) * k]
@@ -100,9 +122,11 @@ def srlm_chunk(problems, task, model, tok, cfg) -> list[dict]:
         correct = [task.check_answer(p, s) for s in ss]
         traces.append({
             "problem_id": p.id, "question": p.question, "gold": p.gold, "method": "srlm",
-            "difficulty": task.difficulty(p), "status": "sampled", "rollbacks": 0,
+            "difficulty": task.difficulty(p), "status": "sampled" if ok[n] else "too_long", "rollbacks": 0,
             "path": split_steps(ss[best]), "final_answer": extract_answer(ss[best]), "final_correct": correct[best],
-            "samples": ss, "scores": sc, "sample_correct": correct, "unparseable": sum(x is None for x in sc),
+            "samples": ss, "scores": sc, "sample_correct": correct,
+            "unparseable": sum(x is None for x in sc) - unscored[n] - (0 if ok[n] else k),
+            **({"too_long": unscored[n]} if unscored[n] else {}),
             "events": [],
         })
     return traces

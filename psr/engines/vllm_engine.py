@@ -61,6 +61,7 @@ class VLLMEngine:
         self.llm = LLM(model=path, tokenizer=path, dtype=self.dtype, seed=0,
                        logits_processors=[VLLMEDTLogitsProcessor, VLLMStepStopProcessor],
                        **_engine_kwargs(gen, self.device, world))
+        self.max_len = self.llm.llm_engine.model_config.max_model_len  # what psr.lengths measures prompts against
         # Every end token the model names (Llama-3-Instruct has two), as psr.generation.generate stops on.
         try:
             configured = HFGenerationConfig.from_pretrained(path).eos_token_id
@@ -69,10 +70,17 @@ class VLLMEngine:
         configured = [configured] if isinstance(configured, int) else list(configured or [])
         self.eos = sorted({tokenizer.eos_token_id, *configured} - {None})
 
-    def _ids(self, prompts: list[str]):
+    def _ids(self, prompts: list[str], room: int = 1, where: str = "vllm"):
+        """Token prompts, and the indices of those that leave ``room`` tokens of the context: vLLM raises on a
+        prompt longer than ``max_model_len`` (the last guard, psr.lengths; the stages check before this)."""
         from vllm.inputs import TokensPrompt
 
-        return [TokensPrompt(prompt_token_ids=self.tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+        from psr.lengths import warn_not_sent
+
+        ids = [self.tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        sent = [i for i, x in enumerate(ids) if len(x) + room <= self.max_len]
+        warn_not_sent(len(ids) - len(sent), self.max_len, where)
+        return [TokensPrompt(prompt_token_ids=ids[i]) for i in sent], sent, [len(x) for x in ids]
 
     def _params(self, sampling: SamplingConfig, stop: str | None = None, **kwargs):
         """``SamplingParams`` for a policy; ``stop``: "step" or "answer" ends rows as HF's StepBoundaryStopping."""
@@ -106,11 +114,16 @@ class VLLMEngine:
         # batch's make-up, which prefix-cache hits change), as with HF.
         base = int(torch.randint(0, 2**31 - 1, ()).item())
         stop = "step" if stop_at_step else "answer" if stop_at_answer else None
-        params = [self._params(sampling, stop, n=num_samples, max_tokens=max_new_tokens, seed=base + i)
-                  for i in range(len(prompts))]
-        outs = self.llm.generate(self._ids(prompts), params, use_tqdm=progress)
+        ids, sent, lengths = self._ids(prompts, 1, desc)
+        # seeds by the prompt's position in the call, sent or not: a prompt left out does not move its neighbours'
+        params = [self._params(sampling, stop, n=num_samples, max_tokens=min(max_new_tokens, self.max_len - lengths[i]),
+                               seed=base + i) for i in sent]
+        outs = self.llm.generate(ids, params, use_tqdm=progress) if ids else []
         cut = cut_at_step_boundary if stop_at_step else (cut_after_answer if stop_at_answer else None)
-        return [[(cut(o.text) if cut else o.text).strip() for o in out.outputs] for out in outs]
+        results = [[""] * num_samples for _ in prompts]
+        for i, out in zip(sent, outs):
+            results[i] = [(cut(o.text) if cut else o.text).strip() for o in out.outputs]
+        return results
 
     def choice_probs(self, prompts: list[str], token_ids: list[int], progress: bool = False) -> torch.Tensor:
         """Softmax over just ``token_ids`` for the token after each prompt: [len(prompts), len(token_ids)].
@@ -123,10 +136,15 @@ class VLLMEngine:
         if not prompts:
             return torch.empty(0, len(token_ids))
         params = self._params(SamplingConfig(policy="greedy"), max_tokens=1, logprob_token_ids=list(token_ids))
-        outs = self.llm.generate(self._ids(prompts), params, use_tqdm=progress)
-        logps = torch.tensor([[o.outputs[0].logprobs[0][t].logprob for t in token_ids] for o in outs],
-                             dtype=torch.float32)
-        return torch.softmax(logps, dim=-1)
+        ids, sent, _ = self._ids(prompts, 1, "judge")
+        outs = self.llm.generate(ids, params, use_tqdm=progress) if ids else []
+        # a prompt not sent is no preference: the same probability for every choice
+        probs = torch.full((len(prompts), len(token_ids)), 1.0 / len(token_ids))
+        if outs:
+            logps = torch.tensor([[o.outputs[0].logprobs[0][t].logprob for t in token_ids] for o in outs],
+                                 dtype=torch.float32)
+            probs[sent] = torch.softmax(logps, dim=-1)
+        return probs
 
     def close(self) -> None:
         """Free the engine (its KV cache is most of its memory); later calls fail.
