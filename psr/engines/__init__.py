@@ -56,7 +56,8 @@ def load_generator(name: str, dtype=None, device: str | None = None, gen: Genera
     gen = gen or GenerationConfig()
     if gen.backend == "hf":
         model, tok = load_model(name, dtype=dtype, device=device)
-        model.psr_max_len = gen.max_model_len  # the same context as vLLM's, for psr.lengths
+        if model is not None:
+            model.psr_max_len = gen.max_model_len  # the same context as vLLM's, for psr.lengths
         return model, tok
     import importlib.util
 

@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from psr.files import ResourceError
 from psr.generation import cut_after_answer, cut_at_step_boundary
 from psr.sampling import SamplingConfig
 
@@ -37,6 +38,35 @@ def _engine_kwargs(gen, device: str, world: int = 1) -> dict:
     return kwargs
 
 
+class EngineMemoryError(ResourceError):
+    """The GPU has less free memory than the engine's share (gpu_memory_utilization) asks for."""
+
+
+def memory_shortfall(free: int, total: int, utilization: float, device: str = "cuda") -> str | None:
+    """The one-line error when a vLLM engine cannot fit (None when it can): vLLM takes ``utilization`` of the
+    whole GPU, all of which must be free when it starts; what an earlier stage still holds is the usual cause."""
+    need = utilization * total
+    if free >= need:
+        return None
+    gib = 2**30
+    return (f"{device}: the vLLM engine needs {need / gib:.1f} GiB (generation.gpu_memory_utilization "
+            f"{utilization} of {total / gib:.1f} GiB) but {free / gib:.1f} GiB are free, {(need - free) / gib:.1f} "
+            "GiB short: another process or an earlier stage holds the rest; lower gpu_memory_utilization or free it")
+
+
+def check_gpu_memory(utilization: float) -> None:
+    """Log this rank's free GPU memory before an engine starts; raise :class:`EngineMemoryError` if it cannot fit."""
+    import sys
+
+    free, total = torch.cuda.mem_get_info()
+    device = f"cuda:{torch.cuda.current_device()}"
+    print(f"{device}: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free before the vLLM engine starts "
+          f"(it takes {utilization * total / 2**30:.1f})", file=sys.stderr, flush=True)
+    problem = memory_shortfall(free, total, utilization, device)
+    if problem:
+        raise EngineMemoryError(problem)
+
+
 class VLLMEngine:
     """A ``vllm.LLM`` with the call shapes psr's stages use (see :mod:`psr.engines`)."""
 
@@ -58,6 +88,9 @@ class VLLMEngine:
         self.dtype = str(dtype).removeprefix("torch.")
         self.tok = tokenizer
         self.world = world
+        self.llm = None
+        if self.device == "cuda":
+            check_gpu_memory(gen.gpu_memory_utilization)
         self.llm = LLM(model=path, tokenizer=path, dtype=self.dtype, seed=0,
                        logits_processors=[VLLMEDTLogitsProcessor, VLLMStepStopProcessor],
                        **_engine_kwargs(gen, self.device, world))
