@@ -129,6 +129,19 @@ def fresh_state() -> None:
         torch.cuda.empty_cache()
 
 
+def gpu_memory() -> dict | None:
+    """This process's GPU memory in GiB (what torch has allocated and reserved, what the device has free), or
+    None without CUDA. The loop stores it before and after every stage, so a stage that does not hand its
+    memory back is seen in its marker (and ``make gpu-check`` asserts it)."""
+    if not use_cuda():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    gib = 2**30
+    return {"allocated_gib": round(torch.cuda.memory_allocated() / gib, 3),
+            "reserved_gib": round(torch.cuda.memory_reserved() / gib, 3),
+            "free_gib": round(free / gib, 3), "total_gib": round(total / gib, 3)}
+
+
 def use_cuda() -> bool:
     """CUDA when the machine has it, unless the launcher asked for the CPU (accelerate config ``use_cpu: true``
     or ``--cpu``): two CPU ranks must not both take the one GPU over NCCL."""

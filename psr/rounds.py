@@ -27,7 +27,7 @@ from typing import Literal
 import yaml
 
 from psr.config import ConfigError, check_at_least, from_dict, to_dict
-from psr.distributed import broadcast, context, fresh_state, past_stop_time
+from psr.distributed import broadcast, context, fresh_state, gpu_memory, past_stop_time
 from psr.engines import GenerationConfig
 from psr.evaluate import EvalConfig, evaluate
 from psr.files import DataError, check_safetensors, read_json, read_jsonl, write_json_atomic, write_text_atomic
@@ -616,10 +616,15 @@ def _iterate(cfg: RunConfig, run_dir: str | Path | None = None, restart_from: st
         started = time.perf_counter()
         stage.dir.mkdir(parents=True, exist_ok=True)
         fresh_state()  # nothing an earlier stage left in this process (DeepSpeed's config) changes this one
+        memory = {"before": gpu_memory()}
         info = stage.run() or {}
+        fresh_state()
+        memory["after"] = gpu_memory()  # what the stage did not hand back (rank 0's GPU; None on a CPU)
         barrier()
         if rank == 0:
             seconds = round(time.perf_counter() - started, 1)
+            if memory["after"] is not None:
+                info["gpu_memory"] = memory
             write_json_atomic(stage.marker, {**info, "stage": stage.id, "seconds": seconds,
                                              "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")})
         barrier()

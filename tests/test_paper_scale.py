@@ -261,3 +261,30 @@ def test_checkpoints_by_the_clock(tmp_path, pairs_file):
     run_train(StepDPOConfig(out=str(tmp_path / "m"), save_steps=0, save_every_hours=1e-9, **_settings(pairs_file)),
               callbacks=[Saves()])
     assert Saves.steps == [1, 2, 3]  # every step's hour has passed; none after the last (the model is saved then)
+
+
+# ---- make gpu-check ------------------------------------------------------------------------------------
+def test_gpu_check_refuses_without_cuda_and_its_runs_are_valid_configs(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: run make gpu-check instead")
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "gpu_check.py"), "--out", str(tmp_path / "gpu")],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "gpu-check: needs a CUDA GPU and torch sees none here; nothing was run"]
+    assert not (tmp_path / "gpu").exists()
+    sys.path.insert(0, str(ROOT / "recipes"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "recipes"))
+    runs = dict(gpu_check.run_configs("vllm"))
+    assert runs["tiny"].rounds == 1 and runs["tiny"].generation.backend == "hf"
+    assert runs["embedded"].generation.backend == "vllm" and runs["embedded"].methods == ["psr", "srlm"]
+    assert runs["embedded"].generation.gpu_memory_utilization == 0.85  # a 7B run's share: memory must come back
+    kept = {"before": {"allocated_gib": 1.0, "reserved_gib": 1.0}, "after": {"allocated_gib": 1.1, "reserved_gib": 9.0}}
+    back = {"before": {"allocated_gib": 1.0, "reserved_gib": 1.0}, "after": {"allocated_gib": 1.0, "reserved_gib": 1.0}}
+    assert gpu_check.memory_problems([{"stage": "psr/round_1/train", "gpu_memory": back}], 0.25) == []
+    assert gpu_check.memory_problems([{"stage": "psr/round_1/train", "gpu_memory": kept}], 0.25) == [
+        "psr/round_1/train: reserved 1.00 -> 9.00 GiB, 8.00 GiB not handed back"]
