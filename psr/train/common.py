@@ -514,14 +514,12 @@ def hand_back(trainer) -> None:
     collected and the CUDA cache emptied. Every rank does this for itself."""
     import gc
 
-    engine = getattr(trainer, "model_wrapped", None)
-    if engine is not None and hasattr(engine, "destroy"):  # a DeepSpeedEngine: its hooks and buffers
-        engine.destroy()
-    del engine  # without DDP/DeepSpeed this is the model itself: a local reference would outlive the collection
     accelerator = getattr(trainer, "accelerator", None)
     if accelerator is not None:
-        accelerator.free_memory()  # its lists of models, optimizers, schedulers, dataloaders; the DS wrapper
-    del accelerator
+        # destroys the DeepSpeed engine (its hooks, partitioned parameters and buffers), then drops accelerate's
+        # lists of models, optimizers, schedulers and dataloaders
+        accelerator.free_memory()
+    del accelerator  # no local reference may outlive the collection below
     for name in ("model", "model_wrapped", "ref_model", "optimizer", "lr_scheduler", "deepspeed",
                  "train_dataset", "eval_dataset", "callback_handler", "accelerator"):
         try:
