@@ -16,7 +16,7 @@ RUN ?=
 RUNARG := $(if $(RUN),--run $(RUN))
 ITERATE := $(PSR) iterate --config $(CONFIG) $(RUNARG)
 
-.PHONY: help setup setup-vllm test-vllm bench-vllm demo experiment iterate init search train eval report lint test test-slow bench clean
+.PHONY: help setup setup-vllm test-vllm bench-vllm demo experiment iterate init search train eval report lint test test-slow bench gpu-check clean
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -105,6 +105,11 @@ test-slow: setup  ## run only the tests marked slow
 
 bench: setup  ## run the benchmarks under benchmarks/
 	@for b in $$(grep -l "__main__" benchmarks/*.py); do echo "== $$b"; $(RUNENV) $(BIN)/python $$b || exit 1; done
+
+# One GPU, under 10 minutes: the tiny loop and the embedded model through every stage on CUDA (bf16), asserting
+# each stage hands its GPU memory back; results/gpu/gpu_check.json. Refuses in one line without CUDA.
+gpu-check: setup  ## on one CUDA GPU (<10 min): every stage on CUDA, memory back after each; writes results/gpu/
+	$(RUNENV) $(BIN)/python recipes/gpu_check.py --out results/gpu
 
 clean:  ## remove run outputs (not the venv)
 	rm -rf runs .pytest_cache

@@ -115,6 +115,8 @@ def rollout_labels(task: Task, complete, problems, prefixes, candidates, cfg: Bu
             elif has_final_answer(c):
                 shares[n][i] = float(task.check_answer(p, format_solution(prefix + [c])))
     for (n, i, _), outs in zip(jobs, completions):
+        if outs is None:  # no room for a rollout: unsure (no label), not wrong (psr.lengths)
+            continue
         solution = format_solution(prefixes[n] + [candidates[n][i]])
         shares[n][i] = sum(task.check_answer(problems[n], solution + o) for o in outs) / len(outs)
     labels = [[True if s >= cfg.right_threshold else (False if s == 0 else None) for s in row] for row in shares]
@@ -133,9 +135,14 @@ def model_completer(model, tok, cfg: BuildEFTConfig, sampling: SamplingConfig, m
     grader reads; text after it could box another answer)."""
 
     def complete(items, k):
+        from psr.lengths import fits
+
         prompts = [render_prompt(tok, q, steps) for q, steps in items]
-        return generate(model, tok, prompts, sampling, max_new_tokens, cfg.batch_size, num_samples=k,
-                        stop_at_step=stop_at_step, stop_at_answer=not stop_at_step, progress=False)
+        ok = fits(model, tok, prompts, max_new_tokens)  # None for a prompt without room (psr.lengths)
+        outs = iter(generate(model, tok, [p for p, f in zip(prompts, ok) if f], sampling, max_new_tokens,
+                             cfg.batch_size, num_samples=k, stop_at_step=stop_at_step,
+                             stop_at_answer=not stop_at_step, progress=False))
+        return [next(outs) if f else None for f in ok]
 
     return complete
 
@@ -174,6 +181,16 @@ def search_chunk(problems, propose, annotate_fn, cfg: BuildEFTConfig, rng=None) 
             break
         probs, prefixes = [s["problem"] for s in active], [list(s["path"]) for s in active]
         cands = propose([(p.question, prefix) for p, prefix in zip(probs, prefixes)], cfg.width)
+        for st, c in zip(active, cands):
+            if c is None:  # the next step's prompt does not fit the context (psr.lengths): the problem stops,
+                st["done"] = True  # recorded as a step row without candidates, which the stats count
+                steps.append({"problem_id": st["problem"].id, "question": st["problem"].question,
+                              "gold": st["problem"].gold, "step_index": depth, "previous_steps": list(st["path"]),
+                              "candidates": [], "labels": [], "rollout_shares": None, "pairs": [], "too_long": True})
+        keep = [i for i, c in enumerate(cands) if c is not None]
+        active, probs, prefixes, cands = ([x[i] for i in keep] for x in (active, probs, prefixes, cands))
+        if not active:
+            continue
         labels, shares, pairs = annotate_fn(probs, prefixes, cands)
         for s, prefix, c, lab, share, pr in zip(active, prefixes, cands, labels, shares, pairs):
             p = s["problem"]
@@ -311,7 +328,11 @@ def run_build_eft(cfg: BuildEFTConfig, model=None, tokenizer=None, progress: boo
     write_jsonl_atomic(out, rows)
     labels = [x for s in steps for x in s["labels"]]
     stats = {
-        "problems": len(problems), "steps": len(steps), "candidates": len(labels),
+        "problems": len(problems), "steps": sum(not s.get("too_long") for s in steps), "candidates": len(labels),
+        # the length guard (psr.lengths): problems stopped because their next prompt did not fit the context;
+        # candidates left unsure because their rollout prompt did not
+        "problems_too_long": sum(bool(s.get("too_long")) for s in steps),
+        "rollouts_too_long": sum(x is None for s in steps for x in (s.get("rollout_shares") or [])),
         "labels": {"right": sum(x is True for x in labels), "wrong": sum(x is False for x in labels),
                    "unknown": sum(x is None for x in labels)},
         "steps_with_a_pair": sum(bool(s["pairs"]) for s in steps),

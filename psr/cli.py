@@ -449,7 +449,8 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from psr.files import DataError
+    from psr.distributed import PREEMPTED_EXIT, Preempted
+    from psr.files import DataError, ResourceError, disk_full, is_no_space
     from psr.models import ModelLoadError
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -469,8 +470,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = None if args.mappings is None else config_from_args(args, args.mappings, rest, sub)
         return args.func(cfg, args)
-    except (ConfigError, ModelLoadError, DataError) as err:
+    except (ConfigError, ModelLoadError, DataError, ResourceError) as err:
         print(f"psr {args.command}: error: {err}", file=sys.stderr)
+        return PREEMPTED_EXIT if isinstance(err, Preempted) else 2  # 3: stopped before the time limit, requeue
+    except OSError as err:  # a full disk in a library's own write (issue 29): one line, naming the file
+        if not is_no_space(err):
+            raise
+        print(f"psr {args.command}: error: {disk_full(err.filename or 'a file', err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # one line, not a traceback: say what is kept and how to go on
         print(f"\npsr {args.command}: interrupted; {RESUME.get(args.command, 'nothing was kept: run it again')}",

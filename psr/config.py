@@ -29,7 +29,7 @@ import yaml
 # of a config): never a config change (psr.rounds), never part of a cache's or a checkpoint's fingerprint
 # (psr.chunks, psr.train.common).
 COSMETIC_KEYS = frozenset({"progress", "report_to", "logging_steps", "logging_dir", "run_name", "log_level",
-                           "disable_tqdm", "save_steps", "save_total_limit"})
+                           "disable_tqdm", "save_steps", "save_total_limit", "save_every_hours"})
 
 
 def cosmetic_key(key: str) -> bool:

@@ -14,6 +14,8 @@ from datetime import timedelta
 
 import torch
 
+from psr.files import ResourceError
+
 # How long a collective (a barrier, a broadcast) may wait for the slowest rank. NCCL's default is
 # 10 minutes and a rank that evaluates or saves a 7B model can take longer; one that takes hours is stuck.
 DEFAULT_TIMEOUT_S = 3 * 3600
@@ -33,6 +35,36 @@ def timeout_seconds() -> int:
 
         raise ConfigError(f"PSR_DIST_TIMEOUT must be a positive number of seconds, got {raw!r}")
     return value
+
+
+# Exit status of a run that stopped itself before the job's time limit (state saved): SLURM scripts requeue it.
+PREEMPTED_EXIT = 3
+
+
+class Preempted(ResourceError):
+    """The job's time is nearly up (``PSR_STOP_AT``) or it was signalled: the stage saved its state and stopped;
+    the same command resumes it (the SLURM scripts requeue the job)."""
+
+
+def stop_at() -> float | None:
+    """``PSR_STOP_AT``: when to stop (seconds since the epoch), set by the SLURM scripts from the job's end
+    time less a margin, so that a training stage saves a checkpoint and the loop stops before SLURM kills it."""
+    raw = os.environ.get("PSR_STOP_AT", "").strip()
+    if not raw:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        from psr.config import ConfigError
+
+        raise ConfigError(f"PSR_STOP_AT must be a time in seconds since the epoch, got {raw!r}") from None
+
+
+def past_stop_time() -> bool:
+    import time
+
+    deadline = stop_at()
+    return deadline is not None and time.time() >= deadline
 
 
 def context():
@@ -95,6 +127,19 @@ def fresh_state() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def gpu_memory() -> dict | None:
+    """This process's GPU memory in GiB (what torch has allocated and reserved, what the device has free), or
+    None without CUDA. The loop stores it before and after every stage, so a stage that does not hand its
+    memory back is seen in its marker (and ``make gpu-check`` asserts it)."""
+    if not use_cuda():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    gib = 2**30
+    return {"allocated_gib": round(torch.cuda.memory_allocated() / gib, 3),
+            "reserved_gib": round(torch.cuda.memory_reserved() / gib, 3),
+            "free_gib": round(free / gib, 3), "total_gib": round(total / gib, 3)}
 
 
 def use_cuda() -> bool:

@@ -77,15 +77,21 @@ def _majority(answers: list[str | None]) -> str | None:
 
 def _eval_chunk(cfg: EvalConfig, model, tokenizer, problems, seed: int) -> list[dict]:
     """Every problem of one chunk solved and scored: greedy, then (``samples``) k sampled solutions."""
+    from psr.lengths import fits
+
     prompts = [render_prompt(tokenizer, p.question) for p in problems]
-    greedy = generate(model, tokenizer, prompts, SamplingConfig(policy="greedy"), cfg.max_new_tokens,
-                      cfg.batch_size, seed=seed, progress=False,
-                      stop_at_answer=cfg.stop_at_answer)
-    sampled = None
-    if cfg.samples > 0:
-        sampled = generate(model, tokenizer, prompts, cfg.sampling, cfg.max_new_tokens, cfg.batch_size,
-                           num_samples=cfg.samples, seed=seed, progress=False,
-                           stop_at_answer=cfg.stop_at_answer)
+    # A problem whose prompt leaves less than max_new_tokens of the context is not solved: it counts wrong,
+    # as too_long (psr.lengths). Leaving it out would raise the accuracy; sending it would end the rank on vLLM.
+    ok = fits(model, tokenizer, prompts, cfg.max_new_tokens)
+    sent = [q if f else "" for q, f in zip(prompts, ok)]
+
+    def solve(sampling, k):
+        outs = iter(generate(model, tokenizer, [q for q in sent if q], sampling, cfg.max_new_tokens, cfg.batch_size,
+                             num_samples=k, seed=seed, progress=False, stop_at_answer=cfg.stop_at_answer))
+        return [next(outs) if q else [""] * k for q in sent]
+
+    greedy = solve(SamplingConfig(policy="greedy"), 1)
+    sampled = solve(cfg.sampling, cfg.samples) if cfg.samples > 0 else None
     rows = []
     for i, (p, outs) in enumerate(zip(problems, greedy)):
         output = outs[0]
@@ -93,9 +99,9 @@ def _eval_chunk(cfg: EvalConfig, model, tokenizer, problems, seed: int) -> list[
         # the lenient reading, reported beside it (flexible_accuracy), never what "correct" means
         flexible = flexible_answer(cut_after_answer(output))
         row = {"id": p.id, "question": p.question, "gold": p.gold, "output": output, "pred": pred,
-               "correct": is_equivalent(p.gold, pred), "answered": pred is not None,
-               "pred_flexible": flexible, "correct_flexible": is_equivalent(p.gold, flexible),
-               "n_steps": len(split_steps(output))}
+               "correct": ok[i] and is_equivalent(p.gold, pred), "answered": pred is not None,
+               "pred_flexible": flexible, "correct_flexible": ok[i] and is_equivalent(p.gold, flexible),
+               "n_steps": len(split_steps(output)), **({} if ok[i] else {"too_long": True})}
         if sampled is not None:
             preds = [final_answer(s) for s in sampled[i]]
             maj = _majority(preds)
@@ -175,7 +181,8 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
         n = max(1, len(group))
         s = {"n": len(group), "accuracy": sum(r["correct"] for r in group) / n,
              "answered": sum(r["answered"] for r in group) / n,  # share with a final answer at all
-             "flexible_accuracy": sum(r["correct_flexible"] for r in group) / n}
+             "flexible_accuracy": sum(r["correct_flexible"] for r in group) / n,
+             "too_long": sum(bool(r.get("too_long")) for r in group)}  # counted wrong (psr.lengths)
         if sampled:
             s[f"maj@{cfg.samples}"] = sum(r["maj_correct"] for r in group) / max(1, len(group))
             s[f"pass@{cfg.samples}"] = sum(any(r["sample_correct"]) for r in group) / max(1, len(group))

@@ -3,6 +3,7 @@ none) and the one JSONL reader, whose errors name the file and the line."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -14,16 +15,62 @@ class DataError(ValueError):
     """A data file that cannot be used; the message names the file, the line and the field."""
 
 
+class ResourceError(RuntimeError):
+    """The machine lacks what a stage needs (disk space, GPU memory); the message is the one line to show."""
+
+
+class DiskFull(ResourceError):
+    """No space (or quota) left while writing a file; the message names the file."""
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_no_space(err: BaseException) -> bool:
+    """An OSError for a full disk or quota, or a library's error that says so (safetensors raises its own)."""
+    if isinstance(err, OSError) and err.errno in NO_SPACE:
+        return True
+    text = str(err)
+    return "No space left on device" in text or "Disk quota exceeded" in text
+
+
+def disk_full(path: str | Path, err: BaseException) -> DiskFull:
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    return DiskFull(f"no space left on the device writing {path} ({reason}); nothing half-written was kept: free "
+                    "space (or quota) and start the same command again")
+
+
+def umask() -> int:
+    """This process's umask (read without changing it, where /proc says; else set and restored)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``. The file gets the mode
+    the umask gives a new file (mkstemp's 0600 would hide a run from its group on a shared file system); a full
+    disk is :class:`DiskFull` naming ``path``, and the temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if is_no_space(err):
+            raise disk_full(path, err) from err
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -272,11 +272,18 @@ def generate(
         raise ValueError("num_samples > 1 needs a sampling policy (fixed or edt), not greedy")
     if seed is not None:
         torch.manual_seed(seed)
+    from psr.lengths import context_limit, warn_not_sent
+
     tokenizer.padding_side = "left"
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    # The last length guard (psr.lengths): a prompt that leaves no room for a new token is not sent (empty
+    # completions); a batch's budget is cut to what its longest prompt leaves of the context.
+    limit = context_limit(model)
+    too_long = {i for i, ids in enumerate(encoded) if limit is not None and len(ids) >= limit}
+    warn_not_sent(len(too_long), limit, desc)
+    order = sorted((i for i in range(len(prompts)) if i not in too_long), key=lambda i: -len(encoded[i]))
     per_batch = max(1, batch_size // num_samples)
-    results: list[list[str]] = [[] for _ in prompts]
+    results: list[list[str]] = [[""] * num_samples if i in too_long else [] for i in range(len(prompts))]
     gen_kwargs = sampling.generate_kwargs()
     # generation_config may name several end tokens (Llama-3-Instruct: <|end_of_text|> and <|eot_id|>): keep all.
     configured = model.generation_config.eos_token_id
@@ -293,8 +300,9 @@ def generate(
         stopping = (StoppingCriteriaList([StepBoundaryStopping(tokenizer, prompt_len, at_step=stop_at_step)])
                     if stop_at_step or stop_at_answer else None)
         kwargs = per_row_kwargs(sampling, [k for i in idx for k in seeds[i]]) if seeded else gen_kwargs
+        budget = max_new_tokens if limit is None else min(max_new_tokens, limit - prompt_len)
         out = model.generate(
-            **batch, max_new_tokens=max_new_tokens, num_return_sequences=1 if seeded else num_samples,
+            **batch, max_new_tokens=budget, num_return_sequences=1 if seeded else num_samples,
             stopping_criteria=stopping, pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(set(eos)),
             **kwargs,
         )

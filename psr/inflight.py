@@ -55,6 +55,8 @@ def take_step(s: dict, cands: list[str], right: list, comp: Comparison, max_roll
         "step_index": len(s["path"]), "previous_steps": list(s["path"]), "candidates": cands,
         "candidate_correct": right, "judgments": comp.order_scores, "scores": comp.scores,
         "order_disagreements": comp.disagreements, "unparseable": comp.unparseable,
+        **({"judge_elided_steps": comp.elided} if comp.elided else {}),  # left out to fit the context
+        **({"judge_too_long": True} if comp.too_long else {}),  # not judged at all: no preference
     }
     s["events"].append(event)
     if oracle and all(r is True for r in right):
@@ -115,6 +117,7 @@ class ProblemSearch:
     right: list = field(default_factory=list)
     values: dict = field(default_factory=dict)  # (i, j) -> judge value, as the comparisons come back
     got: int = 0  # candidates back so far
+    elided: int | None = 0  # earlier steps left out of this step's judge prompts (None: not judged, too long)
 
     def __post_init__(self):
         self.state = {"problem": self.problem, "path": [], "events": [], "rollbacks": 0, "status": None}
@@ -168,6 +171,7 @@ class InflightSearch:
     # -- the step logic's transitions ----------------------------------------------------------------
     def _want_candidates(self, ps: ProblemSearch) -> None:
         ps.phase, ps.ready_at, ps.cands, ps.got, ps.values = "candidates", self._tick(), [None] * self.cfg.width, 0, {}
+        ps.elided = 0
         self._submit_candidates(ps)
 
     def _got_candidates(self, ps: ProblemSearch) -> None:
@@ -188,9 +192,12 @@ class InflightSearch:
             self._finish(ps)
 
     def _aggregate(self, ps: ProblemSearch) -> Comparison:
-        orders = list(permutations(range(len(ps.cands)), 2))
+        too_long = ps.elided is None
+        orders = [] if too_long else list(permutations(range(len(ps.cands)), 2))
         logits = self.judge.cfg.mode == "logits"
-        return self.judge._aggregate(len(ps.cands), orders, [ps.values[o] for o in orders], logits)
+        comp = self.judge._aggregate(len(ps.cands), orders, [ps.values[o] for o in orders], logits)
+        comp.elided, comp.too_long = ps.elided or 0, too_long
+        return comp
 
     # -- engines -------------------------------------------------------------------------------------
     @property
@@ -202,6 +209,10 @@ class InflightSearch:
             return  # the HF loop collects the problems in phase "candidates"
         prompt = self.tok(render_prompt(self.tok, ps.problem.question, ps.state["path"]),
                           add_special_tokens=False)["input_ids"]
+        if len(prompt) + self.cfg.max_step_tokens > self.model.max_len:  # no room for a whole step (psr.lengths)
+            ps.state["status"] = "too_long"
+            self._finish(ps)
+            return
         n = len(ps.state["events"])
         for k, seed in enumerate(ps.seeds(self.cfg)):
             params = self.model.sample_params(self.cfg.sampling, self.cfg.max_step_tokens, seed, "step")
@@ -214,6 +225,15 @@ class InflightSearch:
         logits = self.judge.cfg.mode == "logits"
         q, path = ps.problem.question, ps.state["path"]
         n = len(ps.state["events"])
+        # earlier steps left out until every comparison fits the context, or the step not judged (psr.lengths)
+        ps.elided = self.judge.fit_previous(q, path, ps.cands, logits)
+        if ps.elided is None:
+            self._judged(ps, self._aggregate(ps))
+            return
+        if ps.elided:
+            from psr.judge import elision_note
+
+            path = [elision_note(ps.elided)] + list(path[ps.elided :])
         if logits:
             params = self.model.choice_params(self.judge.choice_ids)
         else:
@@ -274,8 +294,15 @@ class InflightSearch:
         while self.live:
             waiting = sorted((p for p in self.live if p.phase == "candidates"), key=lambda p: p.ready_at)
             if waiting:
+                from psr.lengths import fits
+
                 batch = waiting[:per_batch]
                 prompts = [render_prompt(self.tok, p.problem.question, p.state["path"]) for p in batch]
+                ok = fits(self.model, self.tok, prompts, cfg.max_step_tokens)
+                for p in [p for p, k in zip(batch, ok) if not k]:  # no room for a whole step (psr.lengths)
+                    p.state["status"] = "too_long"
+                    self._finish(p)
+                batch, prompts = [p for p, k in zip(batch, ok) if k], [q for q, k in zip(prompts, ok) if k]
                 outs = generate(self.model, self.tok, prompts, cfg.sampling, cfg.max_step_tokens, cfg.batch_size,
                                 num_samples=cfg.width, stop_at_step=True, progress=False,
                                 seeds=[p.seeds(cfg) for p in batch])

@@ -35,6 +35,11 @@ VERDICT_PREFIX = "Verdict: [["
 _VERDICT_RE = re.compile(r"\[\[\s*([AB])\s*\]\]")
 
 
+def elision_note(n: int) -> str:
+    """What stands for the ``n`` earliest steps when a judge prompt leaves them out to fit the context."""
+    return f"(the first {n} step{'s' if n > 1 else ''} not shown)"
+
+
 def judge_messages(question: str, previous_steps: list[str], step_a: str, step_b: str,
                    template: str = JUDGE_PROMPT) -> list[dict]:
     previous = "\n".join(s.strip() for s in previous_steps) if previous_steps else "(none yet)"
@@ -135,6 +140,8 @@ class Comparison:
     disagreements: int  # unordered pairs whose two orders disagree
     unparseable: int = 0  # generate mode: replies without a verdict (counted as no preference)
     replies: dict = field(default_factory=dict)  # generate mode: raw replies, "i,j" -> text
+    elided: int = 0  # earlier steps left out of the prompts so that they fit the context (psr.lengths)
+    too_long: bool = False  # even without earlier steps the comparison did not fit: no preference at all
 
 
 def truth_comparison(correct: list[bool | None]) -> Comparison:
@@ -238,14 +245,38 @@ class StepJudge:
                            batch_size=self.cfg.batch_size, progress=False)
         return [r[0] for r in replies]
 
+    # -- fitting the context ----------------------------------------------------------------
+    def fit_previous(self, question: str, previous: list[str], cands: list[str], logits: bool) -> int | None:
+        """How many of the earliest steps to leave out so that every comparison of this step fits the context
+        with room for the reply (one token in logits mode, ``max_new_tokens`` in generate mode); None when even
+        the question and the two longest candidates do not fit. The longest prompt of a step is the one with
+        its two longest candidates, so that one is measured; one number for all of them keeps the shared prefix."""
+        from psr.lengths import context_limit, token_count
+
+        limit = context_limit(self.model)
+        if limit is None or len(cands) < 2:
+            return 0
+        need = 1 if logits else self.cfg.max_new_tokens
+        a, b = sorted(cands, key=lambda c: -token_count(self.tok, c))[:2]
+        for k in range(len(previous) + 1):
+            shown = ([elision_note(k)] if k else []) + list(previous[k:])
+            if token_count(self.tok, self.prompt(question, shown, a, b, logits)) + need <= limit:
+                return k
+        return None
+
     # -- public ----------------------------------------------------------------------------
     def compare(self, items: list[tuple[str, list[str], list[str]]]) -> list[Comparison]:
-        """Judge every ordered pair of candidates for each ``(question, previous_steps, candidates)``."""
+        """Judge every ordered pair of candidates for each ``(question, previous_steps, candidates)``.
+        A step whose prompts do not fit the context is judged without its earliest steps, or not at all
+        (:meth:`fit_previous`; the Comparison says which)."""
         logits = self.cfg.mode == "logits"
-        per_item = []
+        per_item, elided = [], []
         for question, previous, cands in items:
-            orders = list(permutations(range(len(cands)), 2))
-            per_item.append((orders, [self.prompt(question, previous, cands[i], cands[j], logits) for i, j in orders]))
+            k = self.fit_previous(question, previous, cands, logits)
+            elided.append(k)
+            orders = list(permutations(range(len(cands)), 2)) if k is not None else []
+            shown = ([elision_note(k)] if k else []) + list(previous[k or 0:])
+            per_item.append((orders, [self.prompt(question, shown, cands[i], cands[j], logits) for i, j in orders]))
         engine = getattr(self.model, "is_vllm_engine", False)
         if logits and self.cfg.prefix_reuse and not engine:
             raw = [self._prob_a_shared_prefix(prompts) if prompts else [] for _, prompts in per_item]
@@ -258,12 +289,17 @@ class StepJudge:
             for _, prompts in per_item:
                 raw.append(values[k : k + len(prompts)])
                 k += len(prompts)
-        return [self._aggregate(len(c), orders, vals, logits)
-                for (_, _, c), (orders, _), vals in zip(items, per_item, raw)]
+        comps = [self._aggregate(len(c), orders, vals, logits)
+                 for (_, _, c), (orders, _), vals in zip(items, per_item, raw)]
+        for comp, k in zip(comps, elided):
+            comp.elided, comp.too_long = k or 0, k is None
+        return comps
 
     def _aggregate(self, n: int, orders, values, logits: bool) -> Comparison:
         seen = dict(zip(orders, values))
         wins = [[0] * n for _ in range(n)]
+        if not orders:  # not judged (the step does not fit the context, or fewer than two candidates)
+            return Comparison({}, wins, [0] * n, 0)
         disagreements = unparseable = 0
         replies = {}
         for i in range(n):

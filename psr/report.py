@@ -292,6 +292,26 @@ def summary_rows(data: dict) -> list[list[str]]:
     return rows
 
 
+def table1_rows(data: dict) -> list[list[str]]:
+    """The paper's Table 1 layout: one row per model, its accuracy (%) on each benchmark and their average, the
+    unweighted mean over benchmarks as the paper takes it (AIME's 30 problems weigh as much as GSM8K's 1319).
+    A model missing a benchmark gets no average rather than one over fewer benchmarks."""
+    bench = _benchmarks(data)
+    rows = [["model", *bench, "Avg."]]
+
+    def row(label, e):
+        acc = [((e or {}).get("benchmarks", {}).get(b) or {}).get("accuracy") for b in bench]
+        avg = sum(acc) / len(acc) if acc and None not in acc else None
+        cells = ["—" if a is None else f"{100 * a:.1f}" for a in acc]
+        return [label, *cells, "—" if avg is None else f"{100 * avg:.1f}"]
+
+    rows.append(row("M0", data["m0"]))
+    rows.append(row("M1", data["m1"]))
+    for method, chain in data["methods"].items():
+        rows += [row(f"M{c['round'] + 1} {method.upper()}", c["eval"]) for c in chain]
+    return rows
+
+
 def paired_difference(base: dict, other: dict) -> dict | None:
     """``other``'s accuracy minus ``base``'s on the problems both solved-or-not, paired by problem id
     (same held-out problems for every model): the difference, its 95% interval and z."""
@@ -370,6 +390,8 @@ def summary_table(run_dir: str | Path) -> str:
     """The report's key lines as plain text (printed at the end of a run)."""
     data = collect(run_dir)
     text = _plain(summary_rows(data))
+    if len(_benchmarks(data)) > 1:
+        text += "\n\naccuracy (%) per benchmark and their average (the paper's Table 1):\n" + _plain(table1_rows(data))
     diffs = difference_rows(Path(run_dir), data)
     return text + ("\n\nagainst M1 (M1 against M0):\n" + _plain(diffs) + "\n" + significance_note(diffs)
                    if len(diffs) > 1 else "")
@@ -393,6 +415,9 @@ def write_report(run_dir: str | Path) -> Path:
              "which never feeds PSR's or SRLM's pairs (the ORACLE arm, when run, is judged by it: what a "
              "perfect judge would give).", "",
              markdown_table(summary_rows(data)), ""]
+    if len(_benchmarks(data)) > 1:
+        lines += ["Accuracy (%) on each benchmark and the unweighted average over them, as the paper's Table 1 "
+                  "reports it:", "", markdown_table(table1_rows(data)), ""]
     diffs = difference_rows(run_dir, data)
     if len(diffs) > 1:
         lines += ["Each model against M1 (M1 against M0) on the same held-out problems: the difference in "

@@ -28,7 +28,7 @@ import yaml
 
 from psr.config import ConfigError, check_at_least, cosmetic_key, from_dict, to_dict
 from psr.disjoint import check_disjoint, round_offset
-from psr.distributed import context, fresh_state
+from psr.distributed import broadcast, context, fresh_state, gpu_memory, past_stop_time
 from psr.engines import GenerationConfig
 from psr.evaluate import EvalConfig, evaluate
 from psr.files import DataError, check_safetensors, read_json, read_jsonl, write_json_atomic, write_text_atomic
@@ -108,6 +108,23 @@ class RunConfig(ModelOptions):
             raise ValueError("benchmark names must be unique")
         check_report_to(self.report_to)
         check_loop_sets(self)
+        self._check_context()
+
+    def _check_context(self) -> None:
+        """A completion budget as long as the whole context would make every prompt too long (psr.lengths):
+        refused when the config is read, not after hours of stages that count everything as too_long."""
+        limit = self.generation.max_model_len
+        if limit is None:
+            return
+        budgets = {f"benchmarks[{b.name}].max_new_tokens": b.max_new_tokens for b in self.benchmarks}
+        budgets["search.max_step_tokens"] = self.search.max_step_tokens
+        budgets["search.srlm.max_new_tokens"] = self.search.srlm.max_new_tokens
+        if self.search.judge.mode == "generate":
+            budgets["search.judge.max_new_tokens"] = self.search.judge.max_new_tokens
+        for key, n in budgets.items():
+            if n >= limit:
+                raise ValueError(f"{key} is {n}, but generation.max_model_len is {limit}: no prompt would fit "
+                                 "beside it; raise max_model_len or lower the budget")
 
 
 # Fields of the stage blocks that the loop sets on every stage, and from what: a value given for one would be
@@ -205,14 +222,19 @@ def eval_stage(cfg: RunConfig, model_dir_of, out_dir: Path, rank: int):
         # Every rank evaluates its share of each benchmark (and of its test-time search); rank 0 merges
         # them and judges the held-out pairs (short) while the others wait, then writes eval.json.
         from psr.distributed import device_for
-        from psr.engines import load_generator, release
+        from psr.engines import load_generator, loads_together, release
 
         model_name = model_dir_of()
-        loaded = {}  # one copy of the model (or engine) per dtype the benchmarks ask for
+        loaded = {}  # the model (or engine) in the dtype the current benchmark asks for: one at a time
         summary = {"model": model_name, "benchmarks": {}}
 
         def load(dtype):
+            # One engine at a time: a vLLM engine takes gpu_memory_utilization of the GPU, so a second one
+            # (a benchmark with its own dtype) cannot start beside the first; it is released first.
             if dtype not in loaded:
+                for model, _ in loaded.values():
+                    release(model)
+                loaded.clear()
                 loaded[dtype] = load_generator(model_name, dtype, device_for(rank), cfg.generation, options=cfg)
             return loaded[dtype]
 
@@ -228,7 +250,7 @@ def eval_stage(cfg: RunConfig, model_dir_of, out_dir: Path, rank: int):
                                            generation=cfg.generation)
                 tts = run_search(scfg, model, tok)
             if rank != 0:
-                continue
+                continue  # rank 0 summarises; every rank goes on to the judge's engine and the release below
             entry = {k: v for k, v in r.items() if k not in ("problems", "config")}
             outputs = [p["output"] for p in r["problems"]]
             entry["mean_steps"] = sum(p["n_steps"] for p in r["problems"]) / max(1, len(outputs))
@@ -236,17 +258,24 @@ def eval_stage(cfg: RunConfig, model_dir_of, out_dir: Path, rank: int):
             if tts is not None:
                 entry["test_time_search_accuracy"] = tts["final_accuracy"]
             summary["benchmarks"][b.name] = entry
+        if cfg.judge_eval_limit:
+            # Rank 0 alone judges (short). Under a launcher a vLLM engine is built collectively (external
+            # launcher), so every rank builds the judge's engine with it, or none does: rank 0 alone would wait
+            # in vLLM's setup for ranks that wait at the stage's barrier.
+            if rank == 0 or loads_together(cfg.generation):
+                model, tok = load(None)
+            if rank == 0:
+                task = cfg.task if cfg.task.name == "arithmetic" else TaskConfig()
+                jcfg = JudgeEvalConfig(model=model_name, task=task, limit=cfg.judge_eval_limit,
+                                       judge=cfg.search.judge, seed=cfg.seed, out=str(out_dir / "judge_eval.json"),
+                                       generation=cfg.generation)
+                j = judge_eval(jcfg, model, tok)
+                summary["judge"] = {k: v for k, v in j.items() if k not in ("pairs", "config")}
+        for model, _ in loaded.values():  # every rank closes its own engine
+            release(model)
+        loaded.clear()
         if rank != 0:
             return {}
-        if cfg.judge_eval_limit:
-            model, tok = load(None)
-            task = cfg.task if cfg.task.name == "arithmetic" else TaskConfig()
-            jcfg = JudgeEvalConfig(model=model_name, task=task, limit=cfg.judge_eval_limit, judge=cfg.search.judge,
-                                   seed=cfg.seed, out=str(out_dir / "judge_eval.json"), generation=cfg.generation)
-            j = judge_eval(jcfg, model, tok)
-            summary["judge"] = {k: v for k, v in j.items() if k not in ("pairs", "config")}
-        for model, _ in loaded.values():
-            release(model)
         write_json_atomic(out_dir / "eval.json", summary)
         return {"model": in_run(model_name, run_dir_of(out_dir))}
 
@@ -556,6 +585,23 @@ def read_stored_config(stored: Path) -> dict:
     return old
 
 
+def _start_run(cfg: RunConfig, run_dir: Path, stages: list[Stage], restart_from: str | None, console) -> list[bool]:
+    """Rank 0, at the start of a run: compare and store the config, forget the stages to redo (on purpose,
+    or damaged); returns which stages are done, the decision every rank follows."""
+    stored = run_dir / "config.yaml"
+    if stored.exists():
+        changed = check_config_change(read_stored_config(stored), cfg, stages, restart_from)
+        if changed:
+            console.print(f"config of {run_dir} changed: {', '.join(changed)} (no finished stage used them"
+                          f"{' before ' + restart_from if restart_from else ''}); {stored} updated")
+    if restart_from is not None:  # redo on purpose: forget this stage and every later one
+        for s in stages[[s.id for s in stages].index(restart_from):]:
+            forget(s, cfg)  # test-time-search chunks of its eval stages too
+    redo_damaged(stages, cfg, lambda line: print(line, file=sys.stderr))
+    write_text_atomic(stored, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return [s.done() for s in stages]
+
+
 def iterate(cfg: RunConfig, run_dir: str | Path | None = None, restart_from: str | None = None,
             stop_after: str | None = None, progress: bool = True) -> Path:
     """Run (or resume) every unfinished stage; returns the run folder. A config that differs from
@@ -597,35 +643,44 @@ def _iterate(cfg: RunConfig, run_dir: str | Path | None = None, restart_from: st
     check_m1(cfg)
     check_disjoint(cfg)
 
-    stored = run_dir / "config.yaml"
-    new = to_dict(cfg)
-    if stored.exists():
-        changed = check_config_change(read_stored_config(stored), cfg, stages, restart_from)
-        if changed and rank == 0:
-            console.print(f"config of {run_dir} changed: {', '.join(changed)} (no finished stage used them"
-                          f"{' before ' + restart_from if restart_from else ''}); {stored} updated")
+    # Rank 0 decides what is done and tells the others. Each rank looking at the markers itself, right after
+    # rank 0 deleted some (--restart-from, a damaged artifact), could see a cached marker on NFS and run
+    # another stage than the rest: the ranks would meet at different collectives.
+    decision = None
     if rank == 0:
-        if restart_from is not None:  # redo on purpose: forget this stage and every later one
-            for s in stages[ids.index(restart_from):]:
-                forget(s, cfg)  # test-time-search chunks of its eval stages too
-        redo_damaged(stages, cfg, lambda line: print(line, file=sys.stderr))
-        write_text_atomic(stored, yaml.safe_dump(new, sort_keys=False))
-        for done in pending(stages) if cfg.hub.push else []:  # a push an earlier start could not make
-            push_stage(cfg, run_dir, done.id, done.dir)
-    barrier()
+        try:
+            decision = {"done": _start_run(cfg, run_dir, stages, restart_from, console)}
+            for done in pending(stages) if cfg.hub.push else []:  # a push an earlier start could not make
+                push_stage(cfg, run_dir, done.id, done.dir)
+        except (ConfigError, DataError) as err:
+            decision = {"error": (type(err), str(err))}
+    decision = broadcast(decision)
+    if "error" in decision:
+        kind, message = decision["error"]
+        raise kind(message)
+    finished = dict(zip(ids, decision["done"]))
 
     for n, stage in enumerate(stages, 1):
-        if stage.done():
+        if finished[stage.id]:
             continue
+        if broadcast(past_stop_time()):  # rank 0's clock: all ranks stop before the same stage
+            from psr.distributed import Preempted
+
+            raise Preempted(f"PSR_STOP_AT has passed: stopping before {stage.id}; the same command resumes it")
         if rank == 0:
             console.rule(f"[bold]stage {n}/{len(stages)}: {stage.id}")
         started = time.perf_counter()
         stage.dir.mkdir(parents=True, exist_ok=True)
         fresh_state()  # nothing an earlier stage left in this process (DeepSpeed's config) changes this one
+        memory = {"before": gpu_memory()}
         info = stage.run() or {}
+        fresh_state()
+        memory["after"] = gpu_memory()  # what the stage did not hand back (rank 0's GPU; None on a CPU)
         barrier()
         if rank == 0:
             seconds = round(time.perf_counter() - started, 1)
+            if memory["after"] is not None:
+                info["gpu_memory"] = memory
             write_json_atomic(stage.marker, {**info, "stage": stage.id, "seconds": seconds,
                                              "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")})
             if stage.kind == "eval":  # one step per model on the trackers' curves; published when hub.push
@@ -634,7 +689,7 @@ def _iterate(cfg: RunConfig, run_dir: str | Path | None = None, restart_from: st
         barrier()
         if stop_after and stage.kind == stop_after:
             break
-    if rank == 0 and all(s.done() for s in stages):
+    if rank == 0 and all(s.done() for s in stages):  # rank 0's own view: it wrote every marker
         from psr.report import summary_table, write_report
 
         report = write_report(run_dir)

@@ -7,7 +7,8 @@ lock manager) drops when the holding process dies however it ends, so a stale lo
 requeued job. The file also names the holder (host, pid, SLURM job, start time) for the message the
 second one gets. Where the file system has no locks at all the file's content decides: a holder on
 this host whose pid is gone is stale; a holder on another host is trusted (delete the file by hand
-if you know it is gone).
+if you know it is gone), unless it is this same SLURM job: a requeued job that lands on other nodes
+takes the lock over from its own earlier run.
 """
 
 from __future__ import annotations
@@ -54,6 +55,18 @@ def _pid_alive(pid) -> bool:
     return True
 
 
+def _same_job_requeued(path: Path) -> bool:
+    """Is the holder this same SLURM job, on another host? SLURM requeues a job only once its earlier run has
+    ended, and may start it on other nodes; its lock can outlive it there (a network file system's lock lease,
+    or no locks at all, where the file's content decides): that holder is this job's own past, not a rival."""
+    job = os.environ.get("SLURM_JOB_ID")
+    try:
+        held = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return False
+    return bool(job) and str(held.get("job")) == job and held.get("host") != socket.gethostname()
+
+
 class RunLock:
     """``with RunLock(run_dir):`` held for the whole loop; raises :class:`RunLocked` if another holds it."""
 
@@ -69,7 +82,7 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
-            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) and not _same_job_requeued(self.path):
                 os.close(fd)
                 raise RunLocked(f"run folder {self.path.parent} is in use: {_describe(self.path)}. Wait for it "
                                 "to finish or stop it; two loops on one run folder would overwrite each other's "
@@ -80,7 +93,7 @@ class RunLock:
             except ValueError:
                 held = {}
             if held.get("host") and (held["host"] != socket.gethostname() or _pid_alive(held.get("pid"))) \
-                    and held.get("pid") != os.getpid():
+                    and held.get("pid") != os.getpid() and not _same_job_requeued(self.path):
                 os.close(fd)
                 raise RunLocked(f"run folder {self.path.parent} is in use: {_describe(self.path)} (this file "
                                 f"system has no locks; if that process is gone, delete {self.path})") from None

@@ -100,11 +100,17 @@ def model_proposer(model, tok, cfg: SearchConfig):
 
     def propose(items, keys=None):
         """``keys``: (problem id, step, attempt) per item: each candidate then samples under its own seed
-        (``psr.inflight.request_seed``), as the in-flight driver's do."""
+        (``psr.inflight.request_seed``), as the in-flight driver's do. A prompt without room for a whole step
+        is not sent: None, and the problem stops (psr.lengths)."""
+        from psr.lengths import fits
+
         prompts = [render_prompt(tok, question, path) for question, path in items]
         seeds = None if keys is None else [[request_seed(cfg.seed, *key, k) for k in range(cfg.width)] for key in keys]
-        return generate(model, tok, prompts, cfg.sampling, cfg.max_step_tokens, cfg.batch_size,
-                        num_samples=cfg.width, stop_at_step=True, progress=False, seeds=seeds)
+        ok = fits(model, tok, prompts, cfg.max_step_tokens)
+        out = iter(generate(model, tok, [p for p, k in zip(prompts, ok) if k], cfg.sampling, cfg.max_step_tokens,
+                            cfg.batch_size, num_samples=cfg.width, stop_at_step=True, progress=False,
+                            seeds=None if seeds is None else [s for s, k in zip(seeds, ok) if k]))
+        return [next(out) if k else None for k in ok]
 
     propose.keyed = True
     return propose
@@ -122,6 +128,13 @@ def search_chunk(problems, task, propose, judge, cfg: SearchConfig) -> list[dict
             candidates = propose(items, [(s["problem"].id, len(s["path"]), len(s["events"])) for s in active])
         else:
             candidates = propose(items)
+        for s, cands in zip(active, candidates):
+            if cands is None:  # the next step's prompt does not fit the context (psr.lengths): stop here
+                s["status"] = "too_long"
+        kept = [(s, c) for s, c in zip(active, candidates) if c is not None]
+        active, candidates = [s for s, _ in kept], [c for _, c in kept]
+        if not active:
+            break
         correct = [[task.check_step(s["problem"], s["path"], c) for c in cands] for s, cands in zip(active, candidates)]
         if judge is None:  # judge.mode "truth": the task's step check (the oracle control arm)
             comparisons = [truth_comparison(c) for c in correct]
@@ -130,6 +143,16 @@ def search_chunk(problems, task, propose, judge, cfg: SearchConfig) -> list[dict
         active = [s for s, cands, right, comp in zip(active, candidates, correct, comparisons)
                   if take_step(s, cands, right, comp, cfg.max_rollbacks, cfg.max_steps, oracle=judge is None)]
     return [make_trace(s, task, "psr") for s in states]
+
+
+def context_counts(traces: list[dict]) -> dict:
+    """What the length guard did in a search (psr.lengths): problems stopped because their next prompt did
+    not fit, steps judged without their earliest steps, steps not judged at all, SRLM samples left unscored."""
+    events = [e for t in traces for e in t.get("events", [])]
+    return {"problems_too_long": sum(t.get("status") == "too_long" for t in traces),
+            "judge_steps_elided": sum(bool(e.get("judge_elided_steps")) for e in events),
+            "judge_too_long": sum(bool(e.get("judge_too_long")) for e in events),
+            "samples_unscored_too_long": sum(t.get("too_long", 0) for t in traces)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,6 +232,7 @@ def run_search(cfg: SearchConfig, model=None, tokenizer=None, progress: bool = T
     pairs = build_pairs(traces, tokenizer, cfg.pairs, round_index=cfg.round)
     write_jsonl_atomic(out / "pairs.jsonl", pairs)
     stats = pair_stats(traces, pairs)
+    stats["context"] = context_counts(traces)
     stats["config"] = asdict(cfg)
     write_json_atomic(out / "pair_stats.json", stats)
     barrier()

@@ -59,9 +59,23 @@ class RubricJudge:
         text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return text + self.prefix if for_logits else text
 
+    def fits(self, items: list[tuple[str, str]]) -> list[bool]:
+        """Does each rubric prompt leave room for the reply (one token for logits, else max_new_tokens)?"""
+        from psr.lengths import fits
+
+        logits = self.mode != "generate"
+        return fits(self.model, self.tok, [self._prompt(q, r, logits) for q, r in items],
+                    1 if logits else self.max_new_tokens)
+
     @torch.no_grad()
     def score(self, items: list[tuple[str, str]]) -> tuple[list[float | None], int]:
-        """Scores for (question, response) items (None: unparseable reply) and how many were unparseable."""
+        """Scores for (question, response) items (None: unparseable reply, or a rubric prompt that does not fit
+        the context, psr.lengths) and how many were unparseable."""
+        ok = self.fits(items)
+        if not all(ok):
+            scores, unparseable = self.score([it for it, k in zip(items, ok) if k]) if any(ok) else ([], 0)
+            it = iter(scores)
+            return [next(it) if k else None for k in ok], unparseable
         if self.mode == "generate":
             replies = generate(self.model, self.tok, [self._prompt(q, r, False) for q, r in items],
                                max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, progress=False)
@@ -87,18 +101,26 @@ class RubricJudge:
 def srlm_chunk(problems, task, model, tok, cfg) -> list[dict]:
     """Sample ``cfg.srlm.samples`` whole solutions per problem and score them with the rubric. A sample stops
     at the line of its answer; one without a final answer (cut off at ``max_new_tokens``) is counted, not
-    scored, not paired: a cut-off text as a pair would teach the model to stop there."""
+    scored, not paired: a cut-off text as a pair would teach the model to stop there. A question without room
+    for a whole solution is not sampled, and a rubric prompt that does not fit gets no score (psr.lengths)."""
+    from psr.lengths import fits
+
     k = cfg.srlm.samples
     prompts = [render_prompt(tok, p.question) for p in problems]
-    samples = generate(model, tok, prompts, cfg.sampling, cfg.srlm.max_new_tokens, cfg.batch_size,
-                       num_samples=k, stop_at_answer=True, progress=False)
-    answered = [[final_answer(s) is not None for s in ss] for ss in samples]
+    ok = fits(model, tok, prompts, cfg.srlm.max_new_tokens)
+    sampled = iter(generate(model, tok, [q for q, f in zip(prompts, ok) if f], cfg.sampling, cfg.srlm.max_new_tokens,
+                            cfg.batch_size, num_samples=k, stop_at_answer=True, progress=False))
+    samples = [next(sampled) if f else [""] * k for f in ok]
+    answered = [[f and final_answer(s) is not None for s in ss] for ss, f in zip(samples, ok)]
     judge = RubricJudge(model, tok, cfg.srlm.judge_mode, cfg.srlm.judge_max_new_tokens, cfg.judge.batch_size)
-    items = [(n, i) for n, ss in enumerate(samples) for i in range(k) if answered[n][i]]
-    judged, _ = judge.score([(problems[n].question, samples[n][i]) for n, i in items]) if items else ([], 0)
+    items = [(n, i) for n in range(len(problems)) for i in range(k) if answered[n][i]]
+    pairs = [(problems[n].question, samples[n][i]) for n, i in items]
+    judged, rubric_fits = (judge.score(pairs)[0], judge.fits(pairs)) if items else ([], [])
     scores = [[None] * k for _ in problems]
-    for (n, i), score in zip(items, judged):
+    unscored = [0] * len(problems)  # answered samples whose rubric prompt does not fit
+    for (n, i), score, fit in zip(items, judged, rubric_fits):
         scores[n][i] = score
+        unscored[n] += not fit
     traces = []
     for n, (p, ss) in enumerate(zip(problems, samples)):
         sc = scores[n]
@@ -107,11 +129,12 @@ def srlm_chunk(problems, task, model, tok, cfg) -> list[dict]:
         correct = [task.check_answer(p, s) for s in ss]
         traces.append({
             "problem_id": p.id, "question": p.question, "gold": p.gold, "method": "srlm",
-            "difficulty": task.difficulty(p), "status": "sampled", "rollbacks": 0,
+            "difficulty": task.difficulty(p), "status": "sampled" if ok[n] else "too_long", "rollbacks": 0,
             "path": split_steps(ss[best]), "final_answer": final_answer(ss[best]), "final_correct": correct[best],
             "samples": ss, "scores": sc, "sample_correct": correct, "sample_answered": answered[n],
-            "unanswered": k - sum(answered[n]),
-            "unparseable": sum(sc[i] is None for i in range(k) if answered[n][i]),
+            "unanswered": k - sum(answered[n]) if ok[n] else 0,
+            "unparseable": sum(sc[i] is None for i in range(k) if answered[n][i]) - unscored[n],
+            **({"too_long": unscored[n]} if unscored[n] else {}),
             "events": [],
         })
     return traces

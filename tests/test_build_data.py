@@ -244,8 +244,9 @@ def test_rollouts_stop_at_their_answer_line(tiny):
 
     class Recorder:  # a vLLM-engine-shaped recorder of what generate is asked (the arguments, not a result)
         is_vllm_engine = True
+        max_len = 4096
 
-        def generate(self, prompts, sampling, max_new_tokens, n, stop_at_step, stop_at_answer, *rest):
+        def generate(self, prompts, sampling, max_new_tokens, n, stop_at_step, stop_at_answer, *rest, **kw):
             calls.append((stop_at_step, stop_at_answer))
             return [["x"] * n for _ in prompts]
 

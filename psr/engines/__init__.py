@@ -30,7 +30,9 @@ class GenerationConfig:
     # vllm: skip torch.compile and CUDA graphs; measured here it starts in seconds instead of ~80 s, which a
     # demo-sized stage does not win back (set false for long GPU runs)
     enforce_eager: bool = True
-    max_model_len: int | None = 4096  # vllm: longest prompt + completion in tokens (null: the model's own)
+    # longest prompt + completion in tokens (null: the model's own); prompts are measured against it on either
+    # backend, and one that does not fit is handled by its stage's rule (psr/lengths.py), never sent
+    max_model_len: int | None = 4096
     max_num_seqs: int = 256  # vllm: most sequences decoded together
     # vllm: tokens per KV-cache block. Prefix caching reuses whole blocks, so smaller blocks share more of a
     # step's judge prompts: 32 (the CPU kernels' smallest) judged 2.2x faster than vLLM's CPU default of 128
@@ -56,7 +58,10 @@ def load_generator(name: str, dtype=None, device: str | None = None, gen: Genera
     gen = gen or GenerationConfig()
     options = model_options(options)
     if gen.backend == "hf":
-        return load_model(name, dtype=dtype, device=device, options=options)
+        model, tok = load_model(name, dtype=dtype, device=device, options=options)
+        if model is not None:
+            model.psr_max_len = gen.max_model_len  # the same context as vLLM's, for psr.lengths
+        return model, tok
     import importlib.util
 
     from psr.config import ConfigError

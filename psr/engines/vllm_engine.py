@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from psr.files import ResourceError
 from psr.generation import cut_after_answer, cut_at_step_boundary
 from psr.sampling import SamplingConfig
 
@@ -37,6 +38,35 @@ def _engine_kwargs(gen, device: str, world: int = 1) -> dict:
     return kwargs
 
 
+class EngineMemoryError(ResourceError):
+    """The GPU has less free memory than the engine's share (gpu_memory_utilization) asks for."""
+
+
+def memory_shortfall(free: int, total: int, utilization: float, device: str = "cuda") -> str | None:
+    """The one-line error when a vLLM engine cannot fit (None when it can): vLLM takes ``utilization`` of the
+    whole GPU, all of which must be free when it starts; what an earlier stage still holds is the usual cause."""
+    need = utilization * total
+    if free >= need:
+        return None
+    gib = 2**30
+    return (f"{device}: the vLLM engine needs {need / gib:.1f} GiB (generation.gpu_memory_utilization "
+            f"{utilization} of {total / gib:.1f} GiB) but {free / gib:.1f} GiB are free, {(need - free) / gib:.1f} "
+            "GiB short: another process or an earlier stage holds the rest; lower gpu_memory_utilization or free it")
+
+
+def check_gpu_memory(utilization: float) -> None:
+    """Log this rank's free GPU memory before an engine starts; raise :class:`EngineMemoryError` if it cannot fit."""
+    import sys
+
+    free, total = torch.cuda.mem_get_info()
+    device = f"cuda:{torch.cuda.current_device()}"
+    print(f"{device}: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free before the vLLM engine starts "
+          f"(it takes {utilization * total / 2**30:.1f})", file=sys.stderr, flush=True)
+    problem = memory_shortfall(free, total, utilization, device)
+    if problem:
+        raise EngineMemoryError(problem)
+
+
 class VLLMEngine:
     """A ``vllm.LLM`` with the call shapes psr's stages use (see :mod:`psr.engines`)."""
 
@@ -58,9 +88,13 @@ class VLLMEngine:
         self.dtype = str(dtype).removeprefix("torch.")
         self.tok = tokenizer
         self.world = world
+        self.llm = None
+        if self.device == "cuda":
+            check_gpu_memory(gen.gpu_memory_utilization)
         self.llm = LLM(model=path, tokenizer=path, dtype=self.dtype, seed=0,
                        logits_processors=[VLLMEDTLogitsProcessor, VLLMStepStopProcessor],
                        **_engine_kwargs(gen, self.device, world), **vllm_kwargs(options))
+        self.max_len = self.llm.llm_engine.model_config.max_model_len  # what psr.lengths measures prompts against
         # Every end token the model names (Llama-3-Instruct has two), as psr.generation.generate stops on.
         try:
             revision = {"revision": options.revision} if options is not None and options.revision else {}
@@ -70,10 +104,17 @@ class VLLMEngine:
         configured = [configured] if isinstance(configured, int) else list(configured or [])
         self.eos = sorted({tokenizer.eos_token_id, *configured} - {None})
 
-    def _ids(self, prompts: list[str]):
+    def _ids(self, prompts: list[str], room: int = 1, where: str = "vllm"):
+        """Token prompts, and the indices of those that leave ``room`` tokens of the context: vLLM raises on a
+        prompt longer than ``max_model_len`` (the last guard, psr.lengths; the stages check before this)."""
         from vllm.inputs import TokensPrompt
 
-        return [TokensPrompt(prompt_token_ids=self.tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+        from psr.lengths import warn_not_sent
+
+        ids = [self.tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        sent = [i for i, x in enumerate(ids) if len(x) + room <= self.max_len]
+        warn_not_sent(len(ids) - len(sent), self.max_len, where)
+        return [TokensPrompt(prompt_token_ids=ids[i]) for i in sent], sent, [len(x) for x in ids]
 
     def _params(self, sampling: SamplingConfig, stop: str | None = None, **kwargs):
         """``SamplingParams`` for a policy; ``stop``: "step" or "answer" ends rows as HF's StepBoundaryStopping."""
@@ -116,13 +157,19 @@ class VLLMEngine:
             base = int(torch.randint(0, 2**31 - 1, ()).item())
             seeds = [[mix_seed(base, i, k) for k in range(num_samples)] for i in range(len(prompts))]
         stop = "step" if stop_at_step else "answer" if stop_at_answer else None
-        ids = self._ids(prompts)
-        requests = [(ids[i], self._params(sampling, stop, n=1, max_tokens=max_new_tokens, seed=seeds[i][k]))
-                    for i in range(len(prompts)) for k in range(num_samples)]
-        outs = self.llm.generate([r[0] for r in requests], [r[1] for r in requests], use_tqdm=progress)
+        prompts_sent, sent, lengths = self._ids(prompts, 1, desc)
+        # seeds by the prompt's position in the call, sent or not: a prompt left out does not move its neighbours'
+        requests = [(prompts_sent[n], self._params(sampling, stop, n=1, seed=seeds[i][k],
+                                                   max_tokens=min(max_new_tokens, self.max_len - lengths[i])))
+                    for n, i in enumerate(sent) for k in range(num_samples)]
+        outs = (self.llm.generate([r[0] for r in requests], [r[1] for r in requests], use_tqdm=progress)
+                if requests else [])
         cut = cut_at_step_boundary if stop_at_step else (cut_after_answer if stop_at_answer else None)
         texts = [(cut(o.outputs[0].text) if cut else o.outputs[0].text).strip() for o in outs]
-        return [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
+        results = [[""] * num_samples for _ in prompts]  # a prompt not sent (too long): empty completions
+        for n, i in enumerate(sent):
+            results[i] = texts[n * num_samples : (n + 1) * num_samples]
+        return results
 
     # -- a request queue that a driver keeps full (continuous batching; psr.inflight) ----------------------
     def sample_params(self, sampling: SamplingConfig, max_new_tokens: int, seed: int | None, stop: str | None):
@@ -156,10 +203,15 @@ class VLLMEngine:
         if not prompts:
             return torch.empty(0, len(token_ids))
         params = self._params(SamplingConfig(policy="greedy"), max_tokens=1, logprob_token_ids=list(token_ids))
-        outs = self.llm.generate(self._ids(prompts), params, use_tqdm=progress)
-        logps = torch.tensor([[o.outputs[0].logprobs[0][t].logprob for t in token_ids] for o in outs],
-                             dtype=torch.float32)
-        return torch.softmax(logps, dim=-1)
+        ids, sent, _ = self._ids(prompts, 1, "judge")
+        outs = self.llm.generate(ids, params, use_tqdm=progress) if ids else []
+        # a prompt not sent is no preference: the same probability for every choice
+        probs = torch.full((len(prompts), len(token_ids)), 1.0 / len(token_ids))
+        if outs:
+            logps = torch.tensor([[o.outputs[0].logprobs[0][t].logprob for t in token_ids] for o in outs],
+                                 dtype=torch.float32)
+            probs[sent] = torch.softmax(logps, dim=-1)
+        return probs
 
     def close(self) -> None:
         """Free the engine (its KV cache is most of its memory); later calls fail.

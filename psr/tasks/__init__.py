@@ -23,6 +23,10 @@ class TaskConfig:
     max_operand: int = 20  # arithmetic: largest operand
     question_field: str = "question"  # gsm8k/math: field names in the data (e.g. problem/solution for NuminaMath)
     answer_field: str = "answer"  # gsm8k/math: the field holding the reference solution with the gold answer
+    # gsm8k/math: what answer_field holds. solution: a reference solution, gold after '####' (gsm8k) or in its last
+    # \boxed{} (math); final: the final answer itself (AIME's 204, OlympiadBench's ["$\frac{1}{2}$"]), no steps
+    answer_format: Literal["solution", "final"] = "solution"
+    subset: str | None = None  # a hub dataset's configuration (OlympiadBench: OE_TO_maths_en_COMP); gsm8k: main
 
     def __post_init__(self):
         if self.name == "arithmetic" and self.data is not None:
@@ -40,7 +44,7 @@ def make_task(cfg: TaskConfig | str, data: str | None = None) -> Task:
         return ArithmeticTask(min_steps=cfg.min_steps, max_steps=cfg.max_steps, max_operand=cfg.max_operand)
     if cfg.name in ("gsm8k", "math"):
         return JsonlMathTask(kind=cfg.name, data=cfg.data, question_field=cfg.question_field,
-                             answer_field=cfg.answer_field)
+                             answer_field=cfg.answer_field, answer_format=cfg.answer_format, subset=cfg.subset)
     raise ValueError(f"unknown task {cfg.name!r}; choose from {', '.join(TASKS)}")
 
 

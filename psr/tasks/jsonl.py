@@ -55,7 +55,21 @@ def is_hub_id(data: str) -> bool:
     return re.match(r"^[\w.-]+/[\w.-]+(:[\w.-]+){0,2}$", data) is not None and not data.endswith((".jsonl", ".json"))
 
 
-def read_rows(data: str) -> list[tuple[int, dict]]:
+def final_answer_text(value, where: str, fld: str) -> str:
+    """A final-answer field as text: a string, a number (AIME's 204), or a list of one (OlympiadBench's
+    ``["$\\frac{1}{2}$"]``); the math delimiters ``$...$`` around it are dropped."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DataError(f"{where}: field '{fld}' must be a final answer (text, a number or a list of one), got "
+                        f"{type(value).__name__}")
+    text = str(value).strip().strip("$").strip()
+    if not text:
+        raise DataError(f"{where}: field '{fld}' is empty")
+    return text
+
+
+def read_rows(data: str, subset: str | None = None) -> list[tuple[int, dict]]:
     """(line number, row) pairs from a local JSONL file (:func:`psr.files.iter_jsonl`), or rows of
     a hub dataset via ``datasets``; no rows at all is an error."""
     path = Path(data).expanduser()
@@ -72,7 +86,7 @@ def read_rows(data: str) -> list[tuple[int, dict]]:
 
     name, _, split = data.partition(":")
     config, _, split = split.rpartition(":") if split.count(":") == 1 else (None, "", split)
-    config = config or ("main" if name.endswith("gsm8k") else None)
+    config = subset or config or ("main" if name.endswith("gsm8k") else None)
     try:
         ds = load_dataset(name, config, split=split or "test")
     except Exception as err:  # datasets raises many kinds here; the user needs the id and the cause
@@ -86,6 +100,8 @@ class JsonlMathTask(Task):
     data: str | None = None
     question_field: str = "question"
     answer_field: str = "answer"
+    answer_format: str = "solution"  # or "final": answer_field holds the final answer itself (TaskConfig)
+    subset: str | None = None
 
     def __post_init__(self):
         self.name = self.kind
@@ -96,15 +112,22 @@ class JsonlMathTask(Task):
     def all_problems(self) -> list[Problem]:
         if self._cache is None:
             problems = []
-            for lineno, row in read_rows(self.data):
-                for fld in (self.question_field, self.answer_field):
-                    check_text_field(row, fld, f"{self.data}:{lineno}")
-                answer = row[self.answer_field]
-                gold = _gold(self.kind, answer)
+            final = self.answer_format == "final"
+            for lineno, row in read_rows(self.data, self.subset):
+                where = f"{self.data}:{lineno}"
+                check_text_field(row, self.question_field, where)
+                if final:
+                    if self.answer_field not in row:
+                        raise DataError(f"{where}: missing field '{self.answer_field}'")
+                    answer = gold = final_answer_text(row[self.answer_field], where, self.answer_field)
+                else:
+                    check_text_field(row, self.answer_field, where)
+                    answer = row[self.answer_field]
+                    gold = _gold(self.kind, answer)
                 if not gold:
                     want = "'#### <answer>'" if self.kind == "gsm8k" else "a \\boxed{} answer"
                     raise DataError(f"{self.data}:{lineno}: field '{self.answer_field}' has no gold ({want})")
-                steps = gsm8k_reference_steps(answer) if self.kind == "gsm8k" else None
+                steps = gsm8k_reference_steps(answer) if self.kind == "gsm8k" and not final else None
                 problems.append(Problem(id=f"{self.kind}-{lineno:05d}", question=row[self.question_field].strip(),
                                         gold=gold, reference_steps=steps, meta={"line": lineno}))
             self._cache = problems

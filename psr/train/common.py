@@ -27,8 +27,8 @@ import torch
 from transformers import TrainerCallback
 
 from psr.config import ConfigError, check_value, cosmetic_key
-from psr.distributed import timeout_seconds
-from psr.files import path_identity, write_json_atomic
+from psr.distributed import Preempted, timeout_seconds
+from psr.files import disk_full, is_no_space, path_identity, write_json_atomic
 from psr.models import ModelOptions
 
 # TRL's name -> psr's field, for the settings psr has a field for (some under a shorter, older name).
@@ -59,8 +59,12 @@ class TrainSettings(ModelOptions):
     learning_rate: float = 1e-5  # peak learning rate (TRL: learning_rate)
     epochs: float = 1.0  # passes over the data (TRL: num_train_epochs)
     max_steps: int = -1  # optimizer steps; > 0 overrides epochs
-    batch_size: int = 4  # per device (per process) (TRL: per_device_train_batch_size)
-    gradient_accumulation_steps: int = 1  # batches per optimizer step
+    batch_size: int = 4  # per device (per process) (TRL: per_device_train_batch_size); with global_batch_size: the most
+    gradient_accumulation_steps: int = 1  # batches per optimizer step (with global_batch_size: derived)
+    # examples per optimizer step over all processes: the figure a paper states, the same on 1 GPU or 16.
+    # Per-device batch (at most batch_size) and gradient accumulation are derived from the world size at start
+    # (null: batch_size x processes x gradient_accumulation_steps, which grows with the node count)
+    global_batch_size: int | None = None
     max_length: int | None = 1024  # tokens of prompt + completion; longer rows are truncated at the end
     warmup_ratio: float = 0.0  # share of the steps spent warming the learning rate up
     lr_scheduler_type: str = "linear"  # transformers' scheduler name (linear, cosine, constant, ...)
@@ -87,6 +91,9 @@ class TrainSettings(ModelOptions):
     # name>.partial/checkpoint-N; a killed stage started again resumes from the last one when its config,
     # data, starting model and number of processes are the same (else it starts over)
     save_steps: int = 50
+    # also (or, with save_steps 0, only) a checkpoint once this many hours have passed since the last one: a 7B
+    # ZeRO-3 checkpoint holds the optimizer state (~120 GB), so a long stage saves by the clock, not every 50 steps
+    save_every_hours: float | None = None
     save_total_limit: int = 1  # checkpoints kept (each holds the optimizer state: ~3x the weights for AdamW)
     # Any other field of TRL's trainer config (SFTConfig for init, DPOConfig for train) by TRL's name,
     # e.g. {optim: adafactor, run_name: r1, fp16: true}. Checked
@@ -100,12 +107,16 @@ class TrainSettings(ModelOptions):
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("batch_size and gradient_accumulation_steps must be >= 1")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise ValueError(f"global_batch_size must be >= 1 (or null), got {self.global_batch_size}")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ValueError("set epochs > 0 or max_steps > 0")
         if self.save_adapter and not self.lora:
             raise ValueError("save_adapter: true needs lora: true")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.save_every_hours is not None and self.save_every_hours <= 0:
+            raise ValueError(f"save_every_hours must be > 0 (or null), got {self.save_every_hours}")
         if self.save_steps < 0 or self.save_total_limit < 1:
             raise ValueError("save_steps must be >= 0 (0: no checkpoints) and save_total_limit >= 1")
         if self.max_length is not None and self.max_length < 8:
@@ -152,6 +163,30 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def batch_plan(cfg: TrainSettings, world: int | None = None) -> tuple[int, int]:
+    """(per-device batch, gradient accumulation steps) for ``world`` processes. With ``global_batch_size`` the
+    fewest accumulation steps whose per-device batch is at most ``batch_size`` and splits the global batch
+    exactly (32 over 8 GPUs: 4 x 1; over 2: 4 x 4; over 16: 2 x 1); one that cannot be split is refused."""
+    world = world or world_size()
+    if cfg.global_batch_size is None:
+        return cfg.batch_size, cfg.gradient_accumulation_steps
+    g = cfg.global_batch_size
+    for accumulation in range(1, g + 1):
+        per_device, rest = divmod(g, world * accumulation)
+        if rest == 0 and 1 <= per_device <= cfg.batch_size:
+            return per_device, accumulation
+    raise ConfigError(f"global_batch_size {g} cannot be split over {world} processes with at most batch_size "
+                      f"{cfg.batch_size} per device: choose a multiple of {world}")
+
+
+def batch_line(cfg: TrainSettings, world: int | None = None) -> str:
+    """The effective figures, printed when a training stage starts."""
+    world = world or world_size()
+    per_device, accumulation = batch_plan(cfg, world)
+    return (f"effective batch: {per_device * world * accumulation} examples per optimizer step = {per_device} per "
+            f"device x {world} process(es) x {accumulation} accumulation step(s)")
+
+
 def on_cuda() -> bool:
     from psr.distributed import use_cuda
 
@@ -182,13 +217,14 @@ def _checkpointing(on: bool) -> dict:
 def trainer_kwargs(cfg: TrainSettings) -> dict:
     """TrainingArguments fields shared by SFTConfig and DPOConfig."""
     cuda = on_cuda()
+    per_device, accumulation = batch_plan(cfg)
     kwargs = dict(
         output_dir=str(partial_dir(cfg.out)),
         learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
         warmup_steps=float(cfg.warmup_ratio),  # transformers 5: a float < 1 is a ratio of the steps
         lr_scheduler_type=cfg.lr_scheduler_type,
         weight_decay=cfg.weight_decay,
@@ -365,19 +401,140 @@ class NoFinalCheckpoint(TrainerCallback):
             control.should_save = False
 
 
+# SIGTERM: what srun and accelerate pass on when a job is stopped; SIGUSR1: what `--signal=USR1@N` sends.
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+class SaveOnSignal(TrainerCallback):
+    """On SIGTERM or SIGUSR1 during training, or once ``PSR_STOP_AT`` has passed (the SLURM scripts set it some
+    minutes before the time limit): finish the current optimizer step, save a checkpoint (optimizer included,
+    so the stage resumes where it stopped, see :func:`resume_point`), stop, and raise :class:`Preempted`. The
+    ranks agree first (any rank that must stop stops them all at the same step), since a checkpoint of a
+    sharded model is saved by all of them together."""
+
+    def __init__(self):
+        self.signalled = False
+        self.stopped = False
+        self._previous = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name)
+            self._previous[sig] = signal.signal(sig, self._note)
+
+    def _note(self, signum, frame):
+        self.signalled = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        from psr.distributed import past_stop_time
+
+        if any_rank(self.signalled or past_stop_time()) and state.global_step < state.max_steps:
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+
+def any_rank(mine: bool) -> bool:
+    """True on every rank when it is true on any: ranks decide together what they do together (a checkpoint
+    of a sharded model is a collective); alone, ``mine``."""
+    from psr.distributed import _in_group, use_cuda
+
+    if not _in_group():
+        return mine
+    flag = torch.tensor([int(mine)], device="cuda" if use_cuda() else "cpu")
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+class SaveEveryHours(TrainerCallback):
+    """A checkpoint once ``hours`` have passed since the stage started or last saved (``save_every_hours``);
+    the ranks agree on the step (:func:`any_rank`)."""
+
+    def __init__(self, hours: float):
+        self.seconds, self.last = hours * 3600, time.time()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if any_rank(time.time() - self.last >= self.seconds) and state.global_step < state.max_steps:
+            control.should_save = True
+
+    def on_save(self, args, state, control, **kwargs):
+        self.last = time.time()
+
+
 def stage_callbacks(cfg: TrainSettings, callbacks: list | None = None) -> tuple[StepTimer, list]:
-    """The step timer, no checkpoint after the last step, TensorBoard (when configured) and the caller's callbacks."""
+    """The step timer, no checkpoint after the last step, a checkpoint on SLURM's stop signal, TensorBoard (when
+    configured) and the caller's callbacks."""
     timer = StepTimer()
-    return timer, [timer, NoFinalCheckpoint(), *tensorboard_callbacks(cfg), *(callbacks or [])]
+    by_clock = [SaveEveryHours(cfg.save_every_hours)] if cfg.save_every_hours else []
+    return timer, [timer, NoFinalCheckpoint(), *by_clock, SaveOnSignal(), *tensorboard_callbacks(cfg),
+                   *(callbacks or [])]
 
 
 def train_and_save(cfg: TrainSettings, trainer, extra: dict | None = None, extra_files: dict | None = None) -> dict:
     """Train (from the checkpoint :func:`resume_point` found, if any), then save the model atomically
     with its ``train_log.json``; returns the log."""
-    trainer.train(resume_from_checkpoint=getattr(trainer, "psr_resume", None) or cfg.trl.get("resume_from_checkpoint"))
-    result = train_log(cfg, trainer, trainer.psr_timer, extra)
-    save_final(trainer, cfg, trainer.processing_class, result, extra_files)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(batch_line(cfg), flush=True)
+    try:
+        trainer.train(resume_from_checkpoint=getattr(trainer, "psr_resume", None)
+                      or cfg.trl.get("resume_from_checkpoint"))
+        stopper = next((c for c in trainer.callback_handler.callbacks if isinstance(c, SaveOnSignal)), None)
+        if stopper is not None and stopper.stopped:
+            raise Preempted(f"training of {cfg.out} stopped at step {trainer.state.global_step} (signal or "
+                            f"PSR_STOP_AT); its checkpoint is in {partial_dir(cfg.out)}: the same command resumes "
+                            "from it")
+        result = train_log(cfg, trainer, trainer.psr_timer, extra)
+        save_final(trainer, cfg, trainer.processing_class, result, extra_files)
+    except Exception as err:
+        # A full disk in a checkpoint or the final save (safetensors raises its own error type): one line naming
+        # the folder. The model is renamed to `out` only once complete, so nothing half-written counts as done.
+        if is_no_space(err):
+            raise disk_full(partial_dir(cfg.out), err) from err
+        raise
+    finally:
+        hand_back(trainer)
     return result
+
+
+def hand_back(trainer) -> None:
+    """Give back what a training stage holds before the next stage's vLLM engine asks for most of the GPU.
+
+    A finished Trainer still holds the model, the reference model, the optimizer state and, under DeepSpeed,
+    an engine with its partitioned parameters, hooks and buffers; accelerate keeps its own references to all
+    of them. Left to the garbage collector (references cycle through hooks and wrapped forwards) the memory
+    comes back late or never, and vLLM at gpu_memory_utilization 0.85 cannot start. So: the DeepSpeed engine
+    is destroyed, accelerate lets go (``free_memory``), the trainer drops its references, then the garbage is
+    collected and the CUDA cache emptied. Every rank does this for itself."""
+    import gc
+
+    accelerator = getattr(trainer, "accelerator", None)
+    if accelerator is not None:
+        # destroys the DeepSpeed engine (its hooks, partitioned parameters and buffers), then drops accelerate's
+        # lists of models, optimizers, schedulers and dataloaders
+        accelerator.free_memory()
+    del accelerator  # no local reference may outlive the collection below
+    for name in ("model", "model_wrapped", "ref_model", "optimizer", "lr_scheduler", "deepspeed",
+                 "train_dataset", "eval_dataset", "callback_handler", "accelerator"):
+        try:
+            setattr(trainer, name, None)
+        except AttributeError:  # a read-only property in this release
+            pass
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def prepare_output(cfg: TrainSettings) -> None:

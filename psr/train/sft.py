@@ -40,6 +40,7 @@ from psr.tasks.arithmetic import CORRUPTIONS, EQUATION_RE, ArithmeticTask
 from psr.tasks.jsonl import check_text_field, gsm8k_reference_steps, read_rows
 from psr.train.common import (
     TrainSettings,
+    batch_plan,
     build_trainer_arguments,
     load_for_training,
     lora_config,
@@ -263,7 +264,7 @@ def order_rows(cfg: InitConfig, ift: list[dict], eft: list[dict]) -> list[dict]:
         return rows
     ift = ift[:]
     rng.shuffle(ift)
-    b = cfg.batch_size
+    b = batch_plan(cfg)[0]  # the per-device batch this launch trains with (global_batch_size may lower it)
     full = [rows[i:i + b] for rows in (ift, eft) for i in range(0, len(rows) - len(rows) % b, b)]
     rng.shuffle(full)
     tail = eft[len(eft) - len(eft) % b:] + ift[len(ift) - len(ift) % b:]  # partial batches last: the rest stay aligned
