@@ -48,7 +48,8 @@ def test_two_processes_shard_evaluation_and_test_time_search_like_one(tmp_path):
     assert _without(merged) == _without(json.loads((one / "eval_arithmetic.json").read_text()))
     summaries = [_without(json.loads((d / "eval.json").read_text())) for d in (one, two)]
     assert summaries[0] == summaries[1]
-    assert (two / "tts_arithmetic" / "search_chunks" / "timing.rank1.json").exists()  # rank 1 searched too
+    # the test-time search's ranks claim chunks as they go (psr.inflight): which rank searched which depends on
+    # timing, the merged result must not
     for name in ("search.jsonl", "pairs.jsonl"):
         assert (two / "tts_arithmetic" / name).read_text() == (one / "tts_arithmetic" / name).read_text()
     assert not list(two.glob("*.parts"))  # the chunks were merged and removed
