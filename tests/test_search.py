@@ -464,7 +464,9 @@ def test_two_process_search_equals_single_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     args = ["search", "--model", "tiny-random", "--limit", "6", "--width", "3", "--seed", "3", "--config",
             str(tmp_path / "c.yaml")]
-    (tmp_path / "c.yaml").write_text("chunk_size: 2\nmax_steps: 2\nmax_step_tokens: 10\n"
+    # lockstep: chunks dealt round-robin, so rank 1 surely searches (the in-flight driver's ranks claim chunks as
+    # they go; tests/test_cluster.py compares its two-rank result with one rank's)
+    (tmp_path / "c.yaml").write_text("driver: lockstep\nchunk_size: 2\nmax_steps: 2\nmax_step_tokens: 10\n"
                                      "judge:\n  aggregation: sum\n  tie_margin: 0.0\n")
     single = subprocess.run([sys.executable, "-m", "psr.cli", *args, "--out", str(tmp_path / "one")], env=env,
                             capture_output=True, text=True, cwd=ROOT)
