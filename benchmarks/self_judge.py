@@ -37,15 +37,18 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=4)
     ap.add_argument("--rollouts", type=int, nargs="+", default=[4], help="consistency: rollouts per candidate")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--task", type=int, nargs=3, default=[2, 4, 20], metavar=("MIN_STEPS", "MAX_STEPS", "MAX_OPERAND"),
+                    help="the arithmetic task (default: the experiment's; the demo's is 2 3 10)")
     ap.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     ap.add_argument("--out", default="results/self_judge/bench.json")
     args = ap.parse_args()
-    task = ArithmeticTask(min_steps=2, max_steps=4, max_operand=20)  # the experiment's task
+    task = ArithmeticTask(min_steps=args.task[0], max_steps=args.task[1], max_operand=args.task[2])
     problems = task.problems("test", args.problems, seed=args.seed, offset=args.offset)
     engine, tok = load_generator(args.model, gen=GenerationConfig(backend=args.backend))
     started = time.perf_counter()
     steps = own_candidates(engine, tok, task, problems, width=args.width, seed=args.seed)
     result = {"command": "python benchmarks/self_judge.py " + " ".join(sys.argv[1:]), "model": args.model,
+              "task": args.task,
               "problems": args.problems, "width": args.width, "steps": len(steps),
               "mixed_steps": len(mixed_steps(steps)), "candidate_seconds": round(time.perf_counter() - started, 1),
               "modes": {}}
