@@ -76,6 +76,9 @@ class Chunks:
                       f"({what}); starting over", file=sys.stderr)
                 shutil.rmtree(self.root, ignore_errors=True)
             self.root.mkdir(parents=True, exist_ok=True)
+            for partial in self.root.glob(".*"):  # a write a kill cut short (psr.files writes via hidden temp files)
+                if partial.is_file():
+                    partial.unlink(missing_ok=True)
             if old != self.made or not stamp.exists():
                 write_json_atomic(stamp, self.made)
         barrier()  # the others wait until rank 0 is done here

@@ -260,11 +260,15 @@ def test_ctrl_c_is_one_line_saying_how_to_resume(tmp_path):
     import time
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # 40 rounds: a run long enough that the signal surely lands while it runs, even on a loaded machine (the
+    # tiny recipe's 2 rounds once finished before the test process was scheduled again)
     proc = subprocess.Popen([sys.executable, "-m", "psr.cli", "iterate", "--config", str(TINY), "--run",
-                             str(tmp_path / "run"), "--report-to", "[]"], env=env, stderr=subprocess.PIPE, text=True)
+                             str(tmp_path / "run"), "--report-to", "[]", "--rounds", "40"], env=env,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (tmp_path / "run" / "m0").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before the signal"
     proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 130 and "Traceback" not in err, err

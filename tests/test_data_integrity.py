@@ -24,7 +24,9 @@ def test_a_search_run_again_with_another_width_searches_again(tmp_path, tiny, ca
     base = dict(model="tiny-random", limit=2, chunk_size=1, max_steps=1, max_step_tokens=6, out=str(tmp_path / "s"),
                 judge={"aggregation": "sum", "tie_margin": 0.0})
     run_search(from_dict(SearchConfig, {**base, "width": 2}), model, tok, progress=False)
+    (tmp_path / "s" / "search_chunks" / ".00001.jsonl.abc123").write_text('{"cut')  # a write a kill cut short
     stats = run_search(from_dict(SearchConfig, {**base, "width": 3}), model, tok, progress=False)
+    assert not list((tmp_path / "s" / "search_chunks").glob(".*"))
     assert "made by another config or model (width); starting over" in capsys.readouterr().err
     assert stats["config"]["width"] == 3
     assert {len(e["candidates"]) for t in read_jsonl(tmp_path / "s" / "search.jsonl") for e in t["events"]} == {3}
