@@ -264,7 +264,9 @@ def test_ctrl_c_is_one_line_saying_how_to_resume(tmp_path):
     # tiny recipe's 2 rounds once finished before the test process was scheduled again)
     proc = subprocess.Popen([sys.executable, "-m", "psr.cli", "iterate", "--config", str(TINY), "--run",
                              str(tmp_path / "run"), "--report-to", "[]", "--rounds", "40"], env=env,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            # a test run started in the background inherits SIGINT ignored; Ctrl-C is not
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (tmp_path / "run" / "m0").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
