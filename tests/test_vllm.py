@@ -127,6 +127,17 @@ def test_sampling_is_reproducible_under_torch_seed(engines, problems):
     assert runs[0] == runs[1]
 
 
+def test_no_two_samples_of_a_call_share_a_random_stream(engines, problems):
+    """Two identical prompts, 2 samples each: vLLM seeds a request's k-th sample seed + k, so seeding prompt i
+    with base + i made prompt 0's second sample the very text of prompt 1's first. Now all four differ."""
+    engine, _, tok = engines
+    prompt = render_prompt(tok, problems[0].question)
+    outs = generate(engine, tok, [prompt, prompt], SamplingConfig(policy="fixed", temperature=1.0),
+                    max_new_tokens=24, num_samples=2, seed=0, progress=False)
+    texts = [t for row in outs for t in row]
+    assert len(set(texts)) == 4, texts
+
+
 def test_search_and_eval_stages_on_vllm(tmp_path):
     """The stages themselves, through their config: a PSR search, SRLM and an evaluation on the vLLM backend."""
     from psr.evaluate import EvalConfig, evaluate
@@ -140,7 +151,9 @@ def test_search_and_eval_stages_on_vllm(tmp_path):
     run_search(SearchConfig(method="srlm", limit=2, srlm=SRLMConfig(samples=2, max_new_tokens=32), generation=gen,
                             out=str(tmp_path / "srlm")), progress=False)
     traces = read_jsonl(tmp_path / "srlm" / "search.jsonl")
-    assert all(len(t["samples"]) == 2 and all(0 <= s <= 5 for s in t["scores"]) for t in traces)
+    # answered samples are scored 0-5; one without a final answer is counted, not scored (None)
+    assert all(len(t["samples"]) == 2 for t in traces)
+    assert all((s is not None and 0 <= s <= 5) == a for t in traces for s, a in zip(t["scores"], t["sample_answered"]))
     result = evaluate(EvalConfig(limit=2, max_new_tokens=48, generation=gen), progress=False)
     assert result["n"] == 2 and result["throughput"]["backend"] == "vllm"
 
@@ -189,13 +202,3 @@ def test_one_engine_per_rank_under_accelerate(tmp_path):
     hf = evaluate(EvalConfig(model="smollm2-135m", limit=3, chunk_size=1, max_new_tokens=48), progress=False)
     assert merged["outputs"] == [p["output"] for p in hf["problems"]]
 
-
-def test_no_two_samples_of_a_call_share_a_random_stream(engines, problems):
-    """Two identical prompts, 2 samples each: vLLM seeds a request's k-th sample seed + k, so seeding prompt i
-    with base + i made prompt 0's second sample the very text of prompt 1's first. Now all four differ."""
-    engine, _, tok = engines
-    prompt = render_prompt(tok, problems[0].question)
-    outs = generate(engine, tok, [prompt, prompt], SamplingConfig(policy="fixed", temperature=1.0),
-                    max_new_tokens=24, num_samples=2, seed=0, progress=False)
-    texts = [t for row in outs for t in row]
-    assert len(set(texts)) == 4, texts
