@@ -132,3 +132,19 @@ def is_correct(gold: str, solution: str) -> bool:
 def is_correct_flexible(gold: str, solution: str) -> bool:
     """The lenient reading (:func:`flexible_answer`): a second metric, never the default."""
     return is_equivalent(gold, flexible_answer(solution))
+
+
+def majority_answer(answers: list[str | None]) -> str | None:
+    """The most common answer, grouping answers that math-verify calls equivalent (None: no answer at all).
+    maj@k's vote, and the consensus of a step's rollouts (psr.self_judges)."""
+    groups: list[list[str]] = []
+    for a in answers:
+        if a is None:
+            continue
+        for g in groups:
+            if g[0] == a or is_equivalent(g[0], a):
+                g.append(a)
+                break
+        else:
+            groups.append([a])
+    return max(groups, key=len)[0] if groups else None

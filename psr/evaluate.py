@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from psr.answers import final_answer, flexible_answer, is_equivalent
+from psr.answers import final_answer, flexible_answer, is_equivalent, majority_answer
 from psr.chunks import Chunks, made_by
 from psr.config import ConfigError, check_at_least
 from psr.distributed import broadcast, context, device_for
@@ -60,21 +60,6 @@ class EvalConfig(ModelOptions):
             raise ValueError(f"split must be train or test for the arithmetic task, got {self.split!r}")
 
 
-def _majority(answers: list[str | None]) -> str | None:
-    """The most common answer, grouping answers that math-verify calls equivalent."""
-    groups: list[list[str]] = []
-    for a in answers:
-        if a is None:
-            continue
-        for g in groups:
-            if g[0] == a or is_equivalent(g[0], a):
-                g.append(a)
-                break
-        else:
-            groups.append([a])
-    return max(groups, key=len)[0] if groups else None
-
-
 def _eval_chunk(cfg: EvalConfig, model, tokenizer, problems, seed: int) -> list[dict]:
     """Every problem of one chunk solved and scored: greedy, then (``samples``) k sampled solutions."""
     from psr.lengths import fits
@@ -104,7 +89,7 @@ def _eval_chunk(cfg: EvalConfig, model, tokenizer, problems, seed: int) -> list[
                "n_steps": len(split_steps(output)), **({} if ok[i] else {"too_long": True})}
         if sampled is not None:
             preds = [final_answer(s) for s in sampled[i]]
-            maj = _majority(preds)
+            maj = majority_answer(preds)
             row.update(samples=sampled[i], sample_preds=preds,
                        sample_correct=[is_equivalent(p.gold, x) for x in preds],
                        maj_pred=maj, maj_correct=is_equivalent(p.gold, maj))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from psr.answers import final_answer, is_equivalent
+from psr.answers import final_answer, is_equivalent, majority_answer
 from psr.judge import Comparison, JudgeConfig, StepJudge
 from psr.sampling import SamplingConfig
 from psr.steps import has_final_answer, render_prompt
@@ -35,17 +35,7 @@ def score_comparison(scores: list[float], tie_margin: float) -> Comparison:
 
 def consensus(answers: list[str | None]) -> str | None:
     """The answer most of ``answers`` reach (math-verify equivalence groups them); None when none answers."""
-    groups: list[list[str]] = []
-    for a in answers:
-        if a is None:
-            continue
-        for g in groups:
-            if g[0] == a or is_equivalent(g[0], a):
-                g.append(a)
-                break
-        else:
-            groups.append([a])
-    return max(groups, key=len)[0] if groups else None
+    return majority_answer(answers)
 
 
 def consistency_scores(candidates: list[str], rollouts: list[list[str] | None]) -> tuple[list[float], str | None]:
