@@ -88,15 +88,12 @@ def _overlap(a_name: str, a: set[str], b_name: str, b: set[str], hint: str) -> N
 def check_disjoint(cfg) -> None:
     """Refuse a run whose rounds search problems that trained M1, whose rounds overlap each other, or whose
     benchmarks hold out problems the run trains on; the message names both sets and how to move one."""
-    if not cfg.methods or not cfg.rounds:
-        rounds = {}
-    else:
-        rounds = {}
-        for r in range(1, cfg.rounds + 1):
-            start = round_offset(cfg, r)
-            problems = round_problems(cfg, r)
-            rounds[f"round {r}'s search (problems {start}-{start + len(problems) - 1})"] = {
-                _key(p.question) for p in problems}
+    rounds = {}
+    for r in range(1, cfg.rounds + 1 if cfg.methods else 1):
+        start = round_offset(cfg, r)
+        problems = round_problems(cfg, r)
+        rounds[f"round {r}'s search (problems {start}-{start + len(problems) - 1})"] = {
+            _key(p.question) for p in problems}
     training = training_sets(cfg)
     move = "set search.offset past them (or give the rounds other data)"
     for r_name, r_set in rounds.items():
