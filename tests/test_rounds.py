@@ -1,6 +1,7 @@
 """The loop: tiny recipe end to end, resume after SIGKILL, config-change refusal, report, recipes, SLURM."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -44,9 +45,26 @@ def _artifacts(run_dir: Path) -> dict:
             continue
         if path.suffix == ".json":
             out[rel] = _without_paths_and_timings(json.loads(path.read_text()))
+        elif path.suffix == ".jsonl":
+            out[rel] = [json.loads(line) for line in path.read_text().splitlines()]
         else:
             out[rel] = path.read_bytes()
     return out
+
+
+def _differences(a, b, where="") -> list[str]:
+    """Where two runs' artifacts differ. Floats may differ in their last digits: the re-searched chunks of a
+    resumed run are batched with other neighbours, and on some CPUs batched kernels round differently; any
+    decision those values make (text, scores, kept steps, pairs) must still be identical."""
+    if isinstance(a, float) and isinstance(b, float):
+        return [] if math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6) else [f"{where}: {a} != {b}"]
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{where}: keys {sorted(a.keys() ^ b.keys())} in one run only"]
+        return [d for k in a for d in _differences(a[k], b[k], f"{where}/{k}")]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{where}[{i}]")]
+    return [] if a == b else [f"{where}: {str(a)[:200]!r} != {str(b)[:200]!r}"]
 
 
 def test_tiny_loop_survives_sigkill_and_matches_an_uninterrupted_run(tmp_path):
@@ -70,7 +88,7 @@ def test_tiny_loop_survives_sigkill_and_matches_an_uninterrupted_run(tmp_path):
     out, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, out[-3000:]
     assert "stage 2/9: init/init" not in out  # finished stages were not redone
-    assert _artifacts(killed_dir) == _artifacts(tmp_path / "straight")
+    assert _differences(_artifacts(killed_dir), _artifacts(tmp_path / "straight")) == []
 
     # The report: markdown with the table and valid PNG plots.
     report = (killed_dir / "report.md").read_text()
