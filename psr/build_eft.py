@@ -19,6 +19,13 @@ and data annotation", from the model's *own* candidate steps.
 Writes ``out`` (EFT rows: question, previous_steps, step_a, step_b, verdict + metadata, what
 ``psr init --eft-data`` reads), ``<out>.steps.jsonl`` (every annotated step) and ``<out>.stats.json``.
 Problems go in chunks saved as they finish, so a killed build resumes at its first unsaved chunk.
+
+Two drivers run the search (``driver``), with the same results: ``lockstep`` (``search_chunk``: a chunk's
+problems advance one phase at a time, all candidates, then all rollouts, ...) is the short reference;
+``inflight`` (``InflightEFT``, issue 30) keeps every problem in flight, each advancing as soon as its own
+candidates or rollouts come back. Every candidate and rollout samples under its own seed (``candidate_seeds``,
+``rollout_seeds``) and the next step is drawn with the problem's own RNG (``step_rng``), so a problem's rows do
+not depend on what it was batched with, on the chunk size or on the driver.
 """
 
 from __future__ import annotations
@@ -31,15 +38,16 @@ from itertools import permutations
 from pathlib import Path
 from typing import Literal
 
-import torch
 from tqdm.auto import tqdm
 
 from psr.chunks import Chunks, made_by
 from psr.config import ConfigError
 from psr.engines import GenerationConfig, load_generator, release
 from psr.files import write_json_atomic, write_jsonl_atomic
-from psr.generation import generate
+from psr.generation import cut_after_answer, cut_at_step_boundary, generate
+from psr.inflight import mix_seed
 from psr.judge import JudgeConfig, StepJudge
+from psr.lengths import fits
 from psr.models import ModelOptions
 from psr.sampling import SamplingConfig
 from psr.steps import format_solution, has_final_answer, render_prompt
@@ -68,8 +76,13 @@ class BuildEFTConfig(ModelOptions):
     both_orders: bool = True  # each pair as (right, wrong) and (wrong, right), adjacent
     justification: bool = False  # a short reason before the verdict (for generate-mode judges)
     template: str | None = None  # judge prompt template (judge.template); default psr.judge.JUDGE_PROMPT
-    chunk_size: int = 16  # problems searched together; the unit of resume
+    chunk_size: int = 16  # problems saved together: the unit of resume (lockstep: also searched together)
     batch_size: int = 48  # sequences per generate call
+    # inflight = every problem in flight, each advancing on its own (InflightEFT; on vLLM the engine's request
+    # queue kept full); lockstep = a chunk's problems advance one phase at a time (search_chunk, the reference).
+    # Same rows either way (per-request seeds); an `annotator: model` build always runs lockstep
+    driver: Literal["inflight", "lockstep"] = "inflight"
+    inflight: int = 64  # inflight driver: problems in flight (chunks are pulled in as others finish)
     seed: int = 0  # problems (arithmetic), sampling and pair selection
     dtype: str | None = None  # model weights: float32, bfloat16 or auto (default: the loader's choice)
     # the engine behind the candidates and rollouts (hf or vllm; vLLM sampled candidates 6.4x faster here);
@@ -84,8 +97,29 @@ class BuildEFTConfig(ModelOptions):
             raise ValueError(f"right_threshold must be in (0, 1], got {self.right_threshold}")
         if self.annotator == "model" and not self.annotator_model:
             raise ValueError("annotator: model needs annotator_model (a hub id or a local model directory)")
-        if self.rollouts < 1 or self.pairs_per_step < 1 or self.chunk_size < 1:
-            raise ValueError("rollouts, pairs_per_step and chunk_size must be >= 1")
+        if min(self.rollouts, self.pairs_per_step, self.chunk_size, self.max_steps, self.batch_size) < 1:
+            raise ValueError("rollouts, pairs_per_step, chunk_size, max_steps and batch_size must be >= 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds: every sampled completion its own, from what it is (not from what it was batched with)
+# ---------------------------------------------------------------------------------------------
+ROLLOUT_SAMPLING = SamplingConfig(policy="fixed", temperature=0.7)  # the rollouts' sampling
+
+
+def candidate_seeds(cfg: BuildEFTConfig, problem_id: str, step: int) -> list[int]:
+    """The seeds of a step's ``width`` candidates (``step``: the path's length)."""
+    return [mix_seed("eft-candidate", cfg.seed, problem_id, step, k) for k in range(cfg.width)]
+
+
+def rollout_seeds(cfg: BuildEFTConfig, problem_id: str, step: int, candidate: int) -> list[int]:
+    """The seeds of the ``rollouts`` completions that follow candidate ``candidate`` of a step."""
+    return [mix_seed("eft-rollout", cfg.seed, problem_id, step, candidate, r) for r in range(cfg.rollouts)]
+
+
+def step_rng(cfg: BuildEFTConfig, problem_id: str, step: int) -> random.Random:
+    """Which right candidate a problem goes on along, at a step: its own draw."""
+    return random.Random(f"{cfg.seed}-{problem_id}-{step}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,31 +130,52 @@ def exact_labels(task: Task, problems, prefixes, candidates) -> list[list[bool |
     return [[task.check_step(p, prefix, c) for c in cands] for p, prefix, cands in zip(problems, prefixes, candidates)]
 
 
+def needs_rollouts(step: str) -> bool:
+    """Only a step that is neither empty nor boxes an answer needs rollouts to be graded."""
+    return bool(step.strip()) and not has_final_answer(step)
+
+
+def rollout_shares(task: Task, problem, prefix: list[str], cands: list[str], completions: dict) -> list[float | None]:
+    """Per candidate, the share of its rollouts (``completions[i]``) that reach the gold, graded as evaluation
+    grades (the first final answer decides; a rollout that gives none reaches nothing). An empty step reaches
+    nothing; a step that boxes an answer is checked directly; ``completions[i]`` None (no room for a rollout,
+    psr.lengths): None, unsure, not wrong."""
+    shares = []
+    for i, c in enumerate(cands):
+        if not c.strip():
+            shares.append(0.0)
+        elif has_final_answer(c):
+            shares.append(float(task.check_answer(problem, format_solution(prefix + [c]))))
+        elif completions.get(i) is None:
+            shares.append(None)
+        else:
+            solution = format_solution(prefix + [c])
+            shares.append(sum(task.check_answer(problem, solution + o) for o in completions[i]) / len(completions[i]))
+    return shares
+
+
+def share_labels(shares: list, threshold: float) -> list[bool | None]:
+    """Right at ``>= threshold``, wrong at 0, else (or no share) unsure."""
+    return [None if s is None else (True if s >= threshold else (False if s == 0 else None)) for s in shares]
+
+
 def rollout_labels(task: Task, complete, problems, prefixes, candidates, cfg: BuildEFTConfig) -> tuple[list, list]:
-    """Math-Shepherd's estimate: the share of ``cfg.rollouts`` completions from prefix + step that reach
-    the gold answer, graded as evaluation grades (the first final answer decides; a rollout that gives
-    none reaches nothing). A step that already boxes an answer is checked directly. ``complete(items, k)``
-    returns k completions for each ``(question, steps)``, each stopped at its answer line (``model_completer``)."""
-    jobs = []  # (step n, candidate i, (question, steps))
-    for n, (p, prefix, cands) in enumerate(zip(problems, prefixes, candidates)):
-        for i, c in enumerate(cands):
-            if c.strip() and not has_final_answer(c):
-                jobs.append((n, i, (p.question, prefix + [c])))
-    completions = complete([j[2] for j in jobs], cfg.rollouts) if jobs else []
-    shares = [[None] * len(c) for c in candidates]
-    for n, (p, prefix, cands) in enumerate(zip(problems, prefixes, candidates)):
-        for i, c in enumerate(cands):
-            if not c.strip():
-                shares[n][i] = 0.0
-            elif has_final_answer(c):
-                shares[n][i] = float(task.check_answer(p, format_solution(prefix + [c])))
-    for (n, i, _), outs in zip(jobs, completions):
-        if outs is None:  # no room for a rollout: unsure (no label), not wrong (psr.lengths)
-            continue
-        solution = format_solution(prefixes[n] + [candidates[n][i]])
-        shares[n][i] = sum(task.check_answer(problems[n], solution + o) for o in outs) / len(outs)
-    labels = [[True if s >= cfg.right_threshold else (False if s == 0 else None) for s in row] for row in shares]
-    return labels, shares
+    """Math-Shepherd's estimate (``rollout_shares``) for a batch of steps. ``complete(items, k)`` returns k
+    completions for each ``(question, steps)``, each stopped at its answer line, or None where there is no room
+    (``model_completer``; one that is ``seeded`` also gets each item's seeds, ``rollout_seeds``)."""
+    jobs = [(n, i) for n, cands in enumerate(candidates) for i, c in enumerate(cands) if needs_rollouts(c)]
+    items = [(problems[n].question, prefixes[n] + [candidates[n][i]]) for n, i in jobs]
+    if getattr(complete, "seeded", False):
+        seeds = [rollout_seeds(cfg, problems[n].id, len(prefixes[n]), i) for n, i in jobs]
+        completions = complete(items, cfg.rollouts, seeds) if jobs else []
+    else:
+        completions = complete(items, cfg.rollouts) if jobs else []
+    done = defaultdict(dict)
+    for (n, i), outs in zip(jobs, completions):
+        done[n][i] = outs
+    shares = [rollout_shares(task, p, prefix, cands, done[n])
+              for n, (p, prefix, cands) in enumerate(zip(problems, prefixes, candidates))]
+    return [share_labels(row, cfg.right_threshold) for row in shares], shares
 
 
 def model_pairs(judge: StepJudge, problems, prefixes, candidates) -> list[list[tuple[int, int]]]:
@@ -130,21 +185,25 @@ def model_pairs(judge: StepJudge, problems, prefixes, candidates) -> list[list[t
 
 
 def model_completer(model, tok, cfg: BuildEFTConfig, sampling: SamplingConfig, max_new_tokens: int, stop_at_step: bool):
-    """``complete([(question, steps so far), ...], k) -> [[k completions], ...]`` with the model, batched: one
-    step each (``stop_at_step``), or whole rollouts stopped at the line of their first answer (what the
-    grader reads; text after it could box another answer)."""
+    """``complete([(question, steps so far), ...], k, seeds=None) -> [[k completions], ...]`` with the model,
+    batched: one step each (``stop_at_step``), or whole rollouts stopped at the line of their first answer (what
+    the grader reads; text after it could box another answer). ``seeds``: k per item, one per completion."""
 
-    def complete(items, k):
-        from psr.lengths import fits
-
+    def complete(items, k, seeds=None):
         prompts = [render_prompt(tok, q, steps) for q, steps in items]
         ok = fits(model, tok, prompts, max_new_tokens)  # None for a prompt without room (psr.lengths)
         outs = iter(generate(model, tok, [p for p, f in zip(prompts, ok) if f], sampling, max_new_tokens,
                              cfg.batch_size, num_samples=k, stop_at_step=stop_at_step,
-                             stop_at_answer=not stop_at_step, progress=False))
+                             stop_at_answer=not stop_at_step, progress=False,
+                             seeds=None if seeds is None else [s for s, f in zip(seeds, ok) if f]))
         return [next(outs) if f else None for f in ok]
 
+    complete.seeded = True
     return complete
+
+
+def right_wrong_pairs(labels: list) -> list[tuple[int, int]]:
+    return [(i, j) for i, j in permutations(range(len(labels)), 2) if labels[i] is True and labels[j] is False]
 
 
 def annotate(task: Task, cfg: BuildEFTConfig, complete=None, judge=None):
@@ -159,34 +218,61 @@ def annotate(task: Task, cfg: BuildEFTConfig, complete=None, judge=None):
         else:
             labels = [[None] * len(c) for c in cands]
         pairs = (model_pairs(judge, problems, prefixes, cands) if cfg.annotator == "model" else
-                 [[(i, j) for i, j in permutations(range(len(lab)), 2) if lab[i] is True and lab[j] is False]
-                  for lab in labels])
+                 [right_wrong_pairs(lab) for lab in labels])
         return labels, shares, pairs
 
     return run
 
 
 # ---------------------------------------------------------------------------------------------
-# Search along right candidates
+# Search along right candidates: the step logic both drivers share
 # ---------------------------------------------------------------------------------------------
+def step_row(problem, prefix: list[str], cands: list[str], labels, shares, pairs) -> dict:
+    """One annotated step, as ``<out>.steps.jsonl`` holds it (``select_pairs`` and the stats read these)."""
+    return {"problem_id": problem.id, "question": problem.question, "gold": problem.gold, "step_index": len(prefix),
+            "previous_steps": list(prefix), "candidates": cands, "labels": labels, "rollout_shares": shares,
+            "pairs": pairs}
+
+
+def too_long_row(problem, prefix: list[str]) -> dict:
+    """The next step's prompt does not fit the context (psr.lengths): the problem stops, recorded as a step row
+    without candidates, which the stats count."""
+    return {**step_row(problem, prefix, [], [], None, []), "too_long": True}
+
+
+def advance(path: list[str], problem, cands: list[str], labels, pairs, cfg: BuildEFTConfig, rng) -> bool:
+    """Extend ``path`` along a right candidate (``rng`` draws one), or the reference step when none is right (so
+    later steps have a right prefix). False when the problem is done: it answered, reached ``max_steps``, or has
+    neither a right candidate nor a reference step left."""
+    right = sorted({i for i, _ in pairs} | {i for i, x in enumerate(labels) if x is True})
+    ref = problem.reference_steps or []
+    if right:
+        nxt = cands[rng.choice(right)]
+    elif len(path) < len(ref):
+        nxt = ref[len(path)]
+    else:
+        return False
+    path.append(nxt)
+    return not has_final_answer(nxt) and len(path) < cfg.max_steps
+
+
 def search_chunk(problems, propose, annotate_fn, cfg: BuildEFTConfig, rng=None) -> list[dict]:
-    """Every annotated step of these problems (one row per step). ``propose(items, k)`` gives k candidate
-    next steps per ``(question, prefix)``; ``annotate_fn`` labels them (see ``annotate``)."""
-    rng = rng or random.Random(cfg.seed)
-    states = [{"problem": p, "path": []} for p in problems]
-    steps = []
-    for depth in range(cfg.max_steps):
-        active = [s for s in states if not s.get("done")]
-        if not active:
-            break
+    """The lockstep driver: every annotated step of these problems (one row per step, problem by problem),
+    all of them proposing, then all annotated, step after step. ``propose(items, k)`` gives k candidate next
+    steps per ``(question, prefix)`` (None: no room; one that is ``seeded`` also gets ``candidate_seeds``);
+    ``annotate_fn`` labels them (see ``annotate``). ``rng``: one draw for all (default: ``step_rng``'s)."""
+    states = [{"problem": p, "path": [], "rows": [], "done": False} for p in problems]
+    while active := [s for s in states if not s["done"]]:
         probs, prefixes = [s["problem"] for s in active], [list(s["path"]) for s in active]
-        cands = propose([(p.question, prefix) for p, prefix in zip(probs, prefixes)], cfg.width)
+        items = [(p.question, prefix) for p, prefix in zip(probs, prefixes)]
+        if getattr(propose, "seeded", False):
+            cands = propose(items, cfg.width, [candidate_seeds(cfg, p.id, len(pre)) for p, pre in zip(probs, prefixes)])
+        else:
+            cands = propose(items, cfg.width)
         for st, c in zip(active, cands):
-            if c is None:  # the next step's prompt does not fit the context (psr.lengths): the problem stops,
-                st["done"] = True  # recorded as a step row without candidates, which the stats count
-                steps.append({"problem_id": st["problem"].id, "question": st["problem"].question,
-                              "gold": st["problem"].gold, "step_index": depth, "previous_steps": list(st["path"]),
-                              "candidates": [], "labels": [], "rollout_shares": None, "pairs": [], "too_long": True})
+            if c is None:
+                st["done"] = True
+                st["rows"].append(too_long_row(st["problem"], st["path"]))
         keep = [i for i, c in enumerate(cands) if c is not None]
         active, probs, prefixes, cands = ([x[i] for i in keep] for x in (active, probs, prefixes, cands))
         if not active:
@@ -194,22 +280,208 @@ def search_chunk(problems, propose, annotate_fn, cfg: BuildEFTConfig, rng=None) 
         labels, shares, pairs = annotate_fn(probs, prefixes, cands)
         for s, prefix, c, lab, share, pr in zip(active, prefixes, cands, labels, shares, pairs):
             p = s["problem"]
-            steps.append({"problem_id": p.id, "question": p.question, "gold": p.gold, "step_index": depth,
-                          "previous_steps": prefix, "candidates": c, "labels": lab, "rollout_shares": share,
-                          "pairs": pr})
-            right = sorted({i for i, _ in pr} | {i for i, x in enumerate(lab) if x is True})
-            ref = p.reference_steps or []
-            if right:
-                nxt = c[rng.choice(right)]
-            elif depth < len(ref):
-                nxt = ref[depth]  # no right candidate: go on from the reference so later steps have a right prefix
-            else:
-                s["done"] = True
+            s["rows"].append(step_row(p, prefix, c, lab, share, pr))
+            s["done"] = not advance(s["path"], p, c, lab, pr, cfg, rng or step_rng(cfg, p.id, len(prefix)))
+    return [r for s in states for r in s["rows"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# The in-flight driver (issue 30)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class EFTProblem:
+    """One problem in flight: ``candidates`` (wants its step's ``width`` candidates) -> ``rollouts`` (annotator
+    rollout: wants its candidates' rollouts) -> ``advance`` -> ``candidates`` ... -> ``done``."""
+
+    problem: object
+    unit: object
+    path: list = field(default_factory=list)
+    rows: list = field(default_factory=list)  # its step rows so far
+    phase: str = "candidates"
+    ready_at: int = 0  # when it entered its phase (HF serves the longest-waiting first)
+    prompt: str = ""  # its next step's prompt
+    cands: list = field(default_factory=list)
+    got: int = 0  # candidates back so far
+    completions: dict = field(default_factory=dict)  # candidate i -> its rollouts (None: no room)
+    unsent: list = field(default_factory=list)  # HF: candidates whose rollouts are not asked for yet
+    missing: int = 0  # rollouts not back yet
+
+
+class InflightEFT:
+    """build-eft's search with every problem in flight. ``run(units)`` searches every ``(unit, problems)`` the
+    source yields, keeping up to ``cfg.inflight`` problems in flight, and hands ``on_unit(unit, rows)`` a unit's
+    step rows (problem by problem, as ``search_chunk`` returns them) once all its problems are done.
+
+    - vLLM: every request goes into the engine as soon as its problem is ready for it (``n=1`` requests, each
+      with its own seed), and each engine step's finished requests move their problems on.
+    - HF: ``generate`` is synchronous, so each round batches what is ready: the next ``batch_size`` candidate
+      sequences, then the next ``batch_size`` rollouts, from the problems waiting longest (each row sampled
+      from its own seeded generator, ``psr.generation.PerRowSampler``).
+    """
+
+    def __init__(self, model, tokenizer, task: Task, cfg: BuildEFTConfig, on_unit=None, progress=None):
+        if cfg.annotator == "model":
+            raise ValueError("the in-flight driver annotates with exact or rollout; annotator model runs lockstep")
+        self.model, self.tok, self.task, self.cfg = model, tokenizer, task, cfg
+        self.on_unit = on_unit or (lambda unit, rows: None)
+        self.progress = progress
+        self.on_vllm = getattr(model, "is_vllm_engine", False)
+        self.clock = 0
+        self.live: list[EFTProblem] = []
+        self.units: dict = {}  # unit -> its EFTProblems, in order
+        self.routes: dict = {}  # vLLM request id -> (problem, "c" or "r", key)
+        self.stats = {"candidate_requests": 0, "rollout_requests": 0}
+
+    def _tick(self) -> int:
+        self.clock += 1
+        return self.clock
+
+    # -- units -----------------------------------------------------------------------------------------
+    def _refill(self, source) -> None:
+        while len(self.live) < max(self.cfg.inflight, 1) and (item := next(source, None)) is not None:
+            unit, problems = item
+            members = [EFTProblem(p, unit) for p in problems]
+            self.units[unit] = members
+            self.live += members
+            for m in members:
+                self._want_candidates(m)
+
+    def _finish(self, ps: EFTProblem) -> None:
+        ps.phase = "done"
+        self.live.remove(ps)
+        if self.progress is not None:
+            self.progress.update(1)
+        members = self.units[ps.unit]
+        if all(m.phase == "done" for m in members):
+            del self.units[ps.unit]
+            self.on_unit(ps.unit, [r for m in members for r in m.rows])
+
+    # -- one problem's transitions -----------------------------------------------------------------------
+    def _want_candidates(self, ps: EFTProblem) -> None:
+        cfg = self.cfg
+        prompt = render_prompt(self.tok, ps.problem.question, ps.path)
+        if not fits(self.model, self.tok, [prompt], cfg.max_step_tokens)[0]:
+            ps.rows.append(too_long_row(ps.problem, ps.path))
+            self._finish(ps)
+            return
+        ps.phase, ps.ready_at, ps.cands, ps.got = "candidates", self._tick(), [None] * cfg.width, 0
+        ps.prompt = prompt
+        if self.on_vllm:
+            for k, seed in enumerate(candidate_seeds(cfg, ps.problem.id, len(ps.path))):
+                params = self.model.sample_params(cfg.sampling, cfg.max_step_tokens, seed, "step")
+                self._send(ps, "c", k, prompt, params)
+
+    def _got_candidates(self, ps: EFTProblem) -> None:
+        if self.cfg.annotator == "exact":
+            labels = [self.task.check_step(ps.problem, ps.path, c) for c in ps.cands]
+            self._annotated(ps, labels, None)
+            return
+        cfg, q = self.cfg, ps.problem.question
+        ps.completions, ps.unsent, ps.missing = {}, [], 0
+        for i, c in enumerate(ps.cands):
+            if not needs_rollouts(c):
                 continue
-            s["path"].append(nxt)
-            if has_final_answer(nxt) or len(s["path"]) >= cfg.max_steps:
-                s["done"] = True
-    return steps
+            prompt = render_prompt(self.tok, q, ps.path + [c])
+            if not fits(self.model, self.tok, [prompt], cfg.rollout_max_new_tokens)[0]:
+                ps.completions[i] = None  # no room for a rollout: unsure (psr.lengths)
+                continue
+            ps.completions[i] = [None] * cfg.rollouts
+            ps.missing += cfg.rollouts
+            if not self.on_vllm:
+                ps.unsent.append(i)  # the HF loop batches them
+                continue
+            for r, seed in enumerate(rollout_seeds(cfg, ps.problem.id, len(ps.path), i)):
+                params = self.model.sample_params(ROLLOUT_SAMPLING, cfg.rollout_max_new_tokens, seed, "answer")
+                self._send(ps, "r", (i, r), prompt, params)
+        if not ps.missing:
+            self._got_rollouts(ps)
+            return
+        ps.phase, ps.ready_at = "rollouts", self._tick()
+
+    def _got_rollouts(self, ps: EFTProblem) -> None:
+        shares = rollout_shares(self.task, ps.problem, ps.path, ps.cands, ps.completions)
+        self._annotated(ps, share_labels(shares, self.cfg.right_threshold), shares)
+
+    def _annotated(self, ps: EFTProblem, labels, shares) -> None:
+        pairs = right_wrong_pairs(labels)
+        step = len(ps.path)
+        ps.rows.append(step_row(ps.problem, ps.path, list(ps.cands), labels, shares, pairs))
+        if advance(ps.path, ps.problem, ps.cands, labels, pairs, self.cfg, step_rng(self.cfg, ps.problem.id, step)):
+            self._want_candidates(ps)
+        else:
+            self._finish(ps)
+
+    # -- vLLM: a request queue kept full ------------------------------------------------------------------
+    def _send(self, ps: EFTProblem, kind: str, key, prompt: str, params) -> None:
+        rid = f"{kind}|{self._tick()}|{ps.problem.id}"  # the clock keeps ids unique (problem ids may repeat)
+        self.routes[rid] = (ps, kind, key)
+        self.model.add_request(rid, self.tok(prompt, add_special_tokens=False)["input_ids"], params)
+        self.stats["candidate_requests" if kind == "c" else "rollout_requests"] += 1
+
+    def _deliver(self, out) -> None:
+        ps, kind, key = self.routes.pop(out.request_id)
+        text = out.outputs[0].text
+        if kind == "c":
+            ps.cands[key] = cut_at_step_boundary(text).strip()
+            ps.got += 1
+            if ps.got == self.cfg.width:
+                self._got_candidates(ps)
+            return
+        i, r = key
+        ps.completions[i][r] = cut_after_answer(text).strip()
+        ps.missing -= 1
+        if not ps.missing:
+            self._got_rollouts(ps)
+
+    # -- the loops ----------------------------------------------------------------------------------------
+    def run(self, source) -> None:
+        source = iter(source)
+        self._refill(source)
+        while self.live:
+            if self.on_vllm:
+                if not self.model.has_unfinished_requests():
+                    raise RuntimeError("in-flight build-eft: problems wait, but the engine has no requests")
+                for out in self.model.step():
+                    self._deliver(out)
+            else:
+                self._hf_round()
+            self._refill(source)
+
+    def _hf_round(self) -> None:
+        cfg = self.cfg
+        waiting = sorted((p for p in self.live if p.phase == "candidates"), key=lambda p: p.ready_at)
+        batch = waiting[: max(1, cfg.batch_size // cfg.width)]
+        if batch:
+            outs = generate(self.model, self.tok, [p.prompt for p in batch], cfg.sampling, cfg.max_step_tokens,
+                            cfg.batch_size, num_samples=cfg.width, stop_at_step=True, progress=False,
+                            seeds=[candidate_seeds(cfg, p.problem.id, len(p.path)) for p in batch])
+            self.stats["candidate_requests"] += cfg.width * len(batch)
+            for p, cands in zip(batch, outs):
+                p.cands = list(cands)
+                self._got_candidates(p)
+        waiting = sorted((p for p in self.live if p.phase == "rollouts"), key=lambda p: p.ready_at)
+        jobs = [(p, i) for p in waiting for i in p.unsent][: max(1, cfg.batch_size // cfg.rollouts)]
+        if jobs:
+            prompts = [render_prompt(self.tok, p.problem.question, p.path + [p.cands[i]]) for p, i in jobs]
+            outs = generate(self.model, self.tok, prompts, ROLLOUT_SAMPLING, cfg.rollout_max_new_tokens,
+                            cfg.batch_size, num_samples=cfg.rollouts, stop_at_answer=True, progress=False,
+                            seeds=[rollout_seeds(cfg, p.problem.id, len(p.path), i) for p, i in jobs])
+            self.stats["rollout_requests"] += cfg.rollouts * len(jobs)
+            for (p, i), completions in zip(jobs, outs):
+                p.unsent.remove(i)
+                p.completions[i] = list(completions)
+                p.missing -= cfg.rollouts
+                if not p.missing:
+                    self._got_rollouts(p)
+
+
+def search_inflight(problems, task: Task, model, tokenizer, cfg: BuildEFTConfig, unit_size: int | None = None):
+    """Every problem's step rows, problem by problem (a convenience around ``InflightEFT``)."""
+    unit_size = unit_size or len(problems) or 1
+    units = [(u, problems[i : i + unit_size]) for u, i in enumerate(range(0, len(problems), unit_size))]
+    done: dict = {}
+    InflightEFT(model, tokenizer, task, cfg, on_unit=done.__setitem__).run(units)
+    return [r for u, _ in units for r in done[u]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,17 +577,20 @@ def run_build_eft(cfg: BuildEFTConfig, model=None, tokenizer=None, progress: boo
             strong, strong_tok = load_model(cfg.annotator_model, dtype=cfg.dtype, options=model_options(cfg))
             judge = StepJudge(strong, strong_tok,
                               JudgeConfig(mode="generate", aggregation="agree", template=cfg.template))
-        propose = model_completer(model, tokenizer, cfg, cfg.sampling, cfg.max_step_tokens, stop_at_step=True)
-        rollout = model_completer(model, tokenizer, cfg, SamplingConfig(policy="fixed", temperature=0.7),
-                                  cfg.rollout_max_new_tokens, stop_at_step=False)
-        annotate_fn = annotate(task, cfg, rollout, judge)
         bar = tqdm(total=sum(len(store.chunks[c]) for c in todo), desc="build-eft", unit="problem",
                    disable=not progress, dynamic_ncols=True)
         started = time.perf_counter()
-        for c in todo:
-            torch.manual_seed(cfg.seed * 1_000_003 + c)  # per-chunk seeds: a resumed build equals a straight one
-            store.save(c, search_chunk(store.chunks[c], propose, annotate_fn, cfg, random.Random(f"{cfg.seed}-{c}")))
-            bar.update(len(store.chunks[c]))
+        if cfg.driver == "inflight" and cfg.annotator != "model":  # chunks pulled in as room frees up
+            InflightEFT(model, tokenizer, task, cfg, on_unit=store.save, progress=bar).run(
+                (c, store.chunks[c]) for c in todo)
+        else:
+            propose = model_completer(model, tokenizer, cfg, cfg.sampling, cfg.max_step_tokens, stop_at_step=True)
+            rollout = model_completer(model, tokenizer, cfg, ROLLOUT_SAMPLING, cfg.rollout_max_new_tokens,
+                                      stop_at_step=False)
+            annotate_fn = annotate(task, cfg, rollout, judge)
+            for c in todo:
+                store.save(c, search_chunk(store.chunks[c], propose, annotate_fn, cfg))
+                bar.update(len(store.chunks[c]))
         bar.close()
         seconds = time.perf_counter() - started
         if own_model:

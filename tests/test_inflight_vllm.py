@@ -49,3 +49,25 @@ def test_inflight_traces_equal_lockstep_on_vllm(engine):
     assert [t["problem_id"] for t in inflight] == [t["problem_id"] for t in lockstep]
     # vLLM's CPU kernels may round differently in another batch: compare candidates, where seeds decide
     assert [e["candidates"] for e in inflight[0]["events"][:1]] == [e["candidates"] for e in lockstep[0]["events"][:1]]
+
+
+def test_build_eft_inflight_equals_lockstep_on_vllm(engine):
+    """build-eft's in-flight driver through the engine's request queue (candidates, then rollouts, each an n=1
+    request with its own seed) against the lockstep driver's generate calls with the same seeds."""
+    from psr.build_eft import ROLLOUT_SAMPLING, BuildEFTConfig, annotate, model_completer, search_chunk, search_inflight
+
+    eng, tok = engine
+    task = ArithmeticTask()
+    problems = task.problems("train", 2, seed=9)
+    cfg = BuildEFTConfig(width=2, max_steps=2, max_step_tokens=24, annotator="rollout", rollouts=2,
+                         rollout_max_new_tokens=32)
+    propose = model_completer(eng, tok, cfg, cfg.sampling, cfg.max_step_tokens, stop_at_step=True)
+    rollout = model_completer(eng, tok, cfg, ROLLOUT_SAMPLING, cfg.rollout_max_new_tokens, stop_at_step=False)
+    lockstep = search_chunk(problems, propose, annotate(task, cfg, rollout), cfg)
+    inflight = search_inflight(problems, task, eng, tok, cfg, unit_size=1)
+    assert [r["problem_id"] for r in inflight][:1] == [r["problem_id"] for r in lockstep][:1] == [problems[0].id]
+    assert {r["problem_id"] for r in inflight} == {p.id for p in problems}
+    assert all(len(r["candidates"]) == 2 and len(r["rollout_shares"]) == 2 for r in inflight)
+    # vLLM's CPU kernels may round differently in another batch: compare the first step, where seeds decide
+    first = [(r["candidates"], r["rollout_shares"]) for r in inflight if r["step_index"] == 0]
+    assert first == [(r["candidates"], r["rollout_shares"]) for r in lockstep if r["step_index"] == 0]
