@@ -91,11 +91,10 @@ def candidate_loglik(model, tok, steps: list[dict]) -> list[list[float]]:
     One forward per step: its candidates right-padded in one batch (padding after a row changes nothing
     before it under causal attention)."""
     out = []
+    if getattr(model, "is_vllm_engine", False):
+        return _candidate_loglik_vllm(model, tok, steps)
     for s in steps:
-        head = render_prompt(tok, s["question"], s["previous_steps"])
-        head_ids = tok(head, add_special_tokens=False)["input_ids"]
-        tails = [tok(render_prompt(tok, s["question"], s["previous_steps"] + [c])[len(head):],
-                     add_special_tokens=False)["input_ids"] for c in s["candidates"]]
+        head_ids, tails = _head_and_tails(tok, s)
         width = len(head_ids) + max(len(t) for t in tails)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         rows = [head_ids + t + [pad] * (width - len(head_ids) - len(t)) for t in tails]
@@ -105,6 +104,33 @@ def candidate_loglik(model, tok, steps: list[dict]) -> list[list[float]]:
         logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
         start = len(head_ids) - 1  # the first tail token is predicted at the last head position
         out.append([logp[i, start:start + len(t)].mean().item() if t else 0.0 for i, t in enumerate(tails)])
+    return out
+
+
+def _head_and_tails(tok, s: dict) -> tuple[list[int], list[list[int]]]:
+    """A step's prompt ids and each candidate's ids after it (the candidate as the chat template renders it)."""
+    head = render_prompt(tok, s["question"], s["previous_steps"])
+    tails = [tok(render_prompt(tok, s["question"], s["previous_steps"] + [c])[len(head):],
+                 add_special_tokens=False)["input_ids"] for c in s["candidates"]]
+    return tok(head, add_special_tokens=False)["input_ids"], tails
+
+
+def _candidate_loglik_vllm(engine, tok, steps: list[dict]) -> list[list[float]]:
+    """``candidate_loglik`` on a vLLM engine: every (prompt + candidate) row's prompt log-probabilities in one
+    batch. A row longer than the context scores -inf (probability 0: never kept over one that fits)."""
+    rows, where = [], []
+    for n, s in enumerate(steps):
+        head_ids, tails = _head_and_tails(tok, s)
+        for t in tails:
+            where.append((n, len(head_ids), len(t)))
+            rows.append(head_ids + t)
+    logps = engine.token_logprobs(rows)
+    out = [[] for _ in steps]
+    for (n, start, length), lp in zip(where, logps):
+        if not length:
+            out[n].append(0.0)
+        else:
+            out[n].append(float("-inf") if lp is None else sum(lp[start : start + length]) / length)
     return out
 
 

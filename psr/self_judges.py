@@ -6,7 +6,7 @@ question and without any ground truth. They answer the same ``compare`` call as 
   completions from each candidate, each stopped at its answer line; the answer most of the step's
   rollouts reach is the step's consensus, and a candidate's score is the share of its own rollouts that
   reach it. A candidate that already gives the answer scores 1 when that answer is the consensus.
-- ``likelihood``: the policy's per-token probability of the candidate (geometric mean), HF models only.
+- ``likelihood``: the policy's per-token probability of the candidate (geometric mean), on HF or vLLM.
 
 Candidate i beats j when ``score_i - score_j`` exceeds ``judge.tie_margin`` (both scores in [0, 1], so
 the margin means the same in both modes); equal scores tie and the search rolls back, as with the LLM
@@ -84,13 +84,10 @@ class ConsistencyJudge:
 
 
 class LikelihoodJudge:
-    """The policy's per-token probability of each candidate (geometric mean; HF models)."""
+    """The policy's per-token probability of each candidate (geometric mean): one forward per step on HF, the
+    prompt log-probabilities of every candidate in one batch on vLLM."""
 
     def __init__(self, model, tokenizer, cfg):
-        if getattr(model, "is_vllm_engine", False):
-            from psr.config import ConfigError
-
-            raise ConfigError("judge.mode likelihood scores with an HF model: use generation.backend hf")
         self.model, self.tok, self.cfg = model, tokenizer, cfg
 
     def compare(self, items: list[tuple[str, list[str], list[str]]]) -> list[Comparison]:

@@ -71,6 +71,27 @@ def test_rubric_scores_match_hf(engines, problems):
     assert v == pytest.approx(h, abs=6 * PROB_TOL)
 
 
+def test_likelihood_judge_matches_hf(engines, problems):
+    """judge.mode likelihood on vLLM (prompt log-probabilities) gives HF's per-token log-likelihoods, and so
+    the same kept candidate; a candidate too long for the context scores -inf there, never kept."""
+    from psr.judge_own import candidate_loglik
+    from psr.self_judges import LikelihoodJudge
+
+    engine, model, tok = engines
+    steps = [{"question": p.question, "previous_steps": p.reference_steps[:k],
+              "candidates": [p.reference_steps[k], "Step 9: the cat sat on 7.", p.reference_steps[k] + " So 7."]}
+             for p in problems[:3] for k in (0, 1)]
+    v, h = candidate_loglik(engine, tok, steps), candidate_loglik(model, tok, steps)
+    for a, b in zip(v, h):
+        assert a == pytest.approx(b, abs=1e-3)
+    items = [(s["question"], s["previous_steps"], s["candidates"]) for s in steps]
+    cfg = JudgeConfig(mode="likelihood")
+    assert [c.scores for c in LikelihoodJudge(engine, tok, cfg).compare(items)] == \
+        [c.scores for c in LikelihoodJudge(model, tok, cfg).compare(items)]
+    long = [{**steps[0], "candidates": [steps[0]["candidates"][0], "7 " * engine.max_len]}]
+    assert candidate_loglik(engine, tok, long)[0][1] == float("-inf")
+
+
 def test_edt_processor_equals_hf_on_the_same_logits():
     from vllm import SamplingParams
     from vllm.v1.sample.logits_processor import BatchUpdate

@@ -213,6 +213,23 @@ class VLLMEngine:
             probs[sent] = torch.softmax(logps, dim=-1)
         return probs
 
+    def token_logprobs(self, rows: list[list[int]], progress: bool = False) -> list[list[float] | None]:
+        """The log-probability of every token of each row given the tokens before it (the first token has
+        none: 0.0), read from vLLM's prompt log-probabilities in one prefill, no sampling pass. A row that
+        does not fit the context gives None. (vLLM does not read its prefix cache for such requests: each
+        row is prefilled whole.)"""
+        from vllm.inputs import TokensPrompt
+
+        sent = [i for i, r in enumerate(rows) if len(r) + 1 <= self.max_len]
+        params = self._params(SamplingConfig(policy="greedy"), max_tokens=1, prompt_logprobs=0)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(rows[i])) for i in sent], params,
+                                 use_tqdm=progress) if sent else []
+        result: list[list[float] | None] = [None] * len(rows)
+        for i, o in zip(sent, outs):
+            # prompt_logprobs[k] maps token ids to Logprob; with prompt_logprobs=0 it holds the row's own token
+            result[i] = [0.0] + [d[t].logprob for t, d in zip(rows[i][1:], o.prompt_logprobs[1:])]
+        return result
+
     def close(self) -> None:
         """Free the engine (its KV cache is most of its memory); later calls fail.
 
