@@ -99,6 +99,9 @@ test-vllm: setup-vllm  ## the vLLM backend's tests, in .venv-vllm (HF vs vLLM on
 bench-vllm: setup-vllm  ## HF vs vLLM, same run, same prompts; a fresh engine vs reloaded weights (results/engines/)
 	$(RUNENV) $(VBIN)/python benchmarks/engines.py
 	$(RUNENV) $(VBIN)/python benchmarks/engine_refresh.py
+	$(RUNENV) $(VBIN)/python benchmarks/engine_concurrency.py
+	$(RUNENV) $(VBIN)/python benchmarks/search_engine.py
+	$(RUNENV) $(VBIN)/python benchmarks/build_eft_engine.py
 
 test-slow: setup  ## run only the tests marked slow
 	$(RUNENV) $(BIN)/python -m pytest -q -m slow tests
