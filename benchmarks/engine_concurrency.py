@@ -57,7 +57,8 @@ def main():
     points = []
     for n in sizes:
         seconds = run(n)
-        points.append({"sequences": n, "seconds": round(seconds, 2), "tokens_per_second": round(n * args.tokens / seconds, 1)})
+        points.append({"sequences": n, "seconds": round(seconds, 2),
+                       "tokens_per_second": round(n * args.tokens / seconds, 1)})
         print(json.dumps(points[-1]), flush=True)
     engine.close()
     base = next(p for p in points if p["sequences"] == sizes[0])["tokens_per_second"]
