@@ -18,7 +18,15 @@ from pathlib import Path
 
 from psr.config import cosmetic_key
 from psr.distributed import context
-from psr.files import DataError, path_identity, read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
+from psr.files import (
+    DataError,
+    path_identity,
+    read_json,
+    read_jsonl,
+    remove_partial_writes,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
 
 
 def made_by(settings: dict, *models: str | None) -> dict:
@@ -76,9 +84,7 @@ class Chunks:
                       f"({what}); starting over", file=sys.stderr)
                 shutil.rmtree(self.root, ignore_errors=True)
             self.root.mkdir(parents=True, exist_ok=True)
-            for partial in self.root.glob(".*"):  # a write a kill cut short (psr.files writes via hidden temp files)
-                if partial.is_file():
-                    partial.unlink(missing_ok=True)
+            remove_partial_writes(self.root)  # writes a kill cut short
             if old != self.made or not stamp.exists():
                 write_json_atomic(stamp, self.made)
         barrier()  # the others wait until rank 0 is done here

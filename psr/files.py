@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,6 +76,21 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+# what write_text_atomic's temporary files are called: "." + the file's name + "." + mkstemp's 8 characters
+PARTIAL_WRITE = re.compile(r"^\..+\.[a-z0-9_]{8}$")
+
+
+def remove_partial_writes(folder: str | Path) -> int:
+    """Delete the temporary files that killed atomic writes left in ``folder`` (not below it); how many. Only
+    while no one writes there (a run's rank 0 at its start, holding the run's lock)."""
+    removed = 0
+    for path in Path(folder).glob(".*"):
+        if PARTIAL_WRITE.match(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def write_json_atomic(path: str | Path, obj) -> Path:

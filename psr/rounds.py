@@ -31,7 +31,15 @@ from psr.disjoint import check_disjoint, round_offset
 from psr.distributed import broadcast, context, fresh_state, gpu_memory, past_stop_time
 from psr.engines import GenerationConfig
 from psr.evaluate import EvalConfig, evaluate
-from psr.files import DataError, check_safetensors, read_json, read_jsonl, write_json_atomic, write_text_atomic
+from psr.files import (
+    DataError,
+    check_safetensors,
+    read_json,
+    read_jsonl,
+    remove_partial_writes,
+    write_json_atomic,
+    write_text_atomic,
+)
 from psr.hub import HubConfig, pending, push_stage
 from psr.judge_eval import JudgeEvalConfig, judge_eval
 from psr.models import ModelOptions, model_options
@@ -598,6 +606,8 @@ def _start_run(cfg: RunConfig, run_dir: Path, stages: list[Stage], restart_from:
         for s in stages[[s.id for s in stages].index(restart_from):]:
             forget(s, cfg)  # test-time-search chunks of its eval stages too
     redo_damaged(stages, cfg, lambda line: print(line, file=sys.stderr))
+    for folder in {run_dir, *(s.dir for s in stages)}:  # writes a kill cut short (hidden temporary files)
+        remove_partial_writes(folder)
     write_text_atomic(stored, yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return [s.done() for s in stages]
 

@@ -227,3 +227,25 @@ def test_rounds_start_from_a_given_m1_without_training_one(tmp_path):
     assert json.loads((run / "init" / "eval.json").read_text())["model"] == str(tiny_model_path().resolve())
     assert (run / "psr" / "round_1" / "eval.done").exists()
     assert "| M1 | given (m1) |" in (run / "report.md").read_text()
+
+
+def test_a_run_start_removes_the_temporary_files_of_writes_a_kill_cut_short(tmp_path):
+    """A SIGKILL during an atomic write leaves its hidden temporary file (``.search.jsonl.k3j9x_2a``); the next
+    start of the run removes such files from the run and stage folders, and nothing else."""
+    from rich.console import Console
+
+    from psr.rounds import _start_run, plan
+
+    cfg = load_config(RunConfig, TINY)
+    run = tmp_path / "run"
+    stages = plan(cfg, run)
+    search = next(s for s in stages if s.id == "psr/round_1/search").dir
+    search.mkdir(parents=True)
+    left = [search / ".search.jsonl.k3j9x_2a", search / ".pairs.jsonl.a1b2c3d4", run / ".config.yaml.zz99yy88"]
+    kept = [run / ".lock", search / ".notes", search / "search.jsonl", search / ".hidden.dir.abcdefgh" / "x"]
+    for path in left + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{")
+    _start_run(cfg, run, stages, None, Console(stderr=True))
+    assert not any(p.exists() for p in left)
+    assert all(p.exists() for p in kept)
