@@ -45,7 +45,7 @@ from psr.config import ConfigError
 from psr.engines import GenerationConfig, load_generator, release
 from psr.files import write_json_atomic, write_jsonl_atomic
 from psr.generation import cut_after_answer, cut_at_step_boundary, generate
-from psr.inflight import mix_seed
+from psr.inflight import InFlight, mix_seed
 from psr.judge import JudgeConfig, StepJudge
 from psr.lengths import fits
 from psr.models import ModelOptions
@@ -324,36 +324,22 @@ class InflightEFT:
             raise ValueError("the in-flight driver annotates with exact or rollout; annotator model runs lockstep")
         self.model, self.tok, self.task, self.cfg = model, tokenizer, task, cfg
         self.on_unit = on_unit or (lambda unit, rows: None)
-        self.progress = progress
         self.on_vllm = getattr(model, "is_vllm_engine", False)
-        self.clock = 0
-        self.live: list[EFTProblem] = []
-        self.units: dict = {}  # unit -> its EFTProblems, in order
+        self.pool = InFlight(cfg.inflight, progress)
+        self.live = self.pool.live  # the pool's list: the loops below read it
         self.routes: dict = {}  # vLLM request id -> (problem, "c" or "r", key)
         self.stats = {"candidate_requests": 0, "rollout_requests": 0}
 
     def _tick(self) -> int:
-        self.clock += 1
-        return self.clock
+        return self.pool.tick()
 
     # -- units -----------------------------------------------------------------------------------------
     def _refill(self, source) -> None:
-        while len(self.live) < max(self.cfg.inflight, 1) and (item := next(source, None)) is not None:
-            unit, problems = item
-            members = [EFTProblem(p, unit) for p in problems]
-            self.units[unit] = members
-            self.live += members
-            for m in members:
-                self._want_candidates(m)
+        self.pool.refill(source, EFTProblem, self._want_candidates)
 
     def _finish(self, ps: EFTProblem) -> None:
-        ps.phase = "done"
-        self.live.remove(ps)
-        if self.progress is not None:
-            self.progress.update(1)
-        members = self.units[ps.unit]
-        if all(m.phase == "done" for m in members):
-            del self.units[ps.unit]
+        members = self.pool.finish(ps)
+        if members is not None:
             self.on_unit(ps.unit, [r for m in members for r in m.rows])
 
     # -- one problem's transitions -----------------------------------------------------------------------

@@ -104,6 +104,46 @@ def make_trace(s: dict, task, method: str) -> dict:
     }
 
 
+class InFlight:
+    """The problems in flight, by unit (the unit of saving and resuming), for a driver whose problems each
+    advance on their own (``InflightSearch``; build-eft's ``InflightEFT``): units are pulled from a source as
+    room frees up, and a unit comes back whole once all its problems are done. ``tick`` orders the problems'
+    phases (HF serves the longest-waiting first)."""
+
+    def __init__(self, limit: int, progress=None):
+        self.limit, self.progress = max(limit, 1), progress
+        self.live: list = []
+        self.units: dict = {}  # unit -> its problems, in the unit's order
+        self.clock = 0
+
+    def tick(self) -> int:
+        self.clock += 1
+        return self.clock
+
+    def refill(self, source: Iterator, make: Callable, start: Callable) -> None:
+        """Pull ``(unit, problems)`` from ``source`` while there is room; ``make(problem, unit)`` builds a problem's
+        state and ``start`` sets each going (it may finish one at once, which frees room)."""
+        while len(self.live) < self.limit and (item := next(source, None)) is not None:
+            unit, problems = item
+            members = [make(p, unit) for p in problems]
+            self.units[unit] = members
+            self.live += members
+            for m in members:
+                start(m)
+
+    def finish(self, member) -> list | None:
+        """Mark ``member`` done; its unit's members once they are all done, else None."""
+        member.phase = "done"
+        self.live.remove(member)
+        if self.progress is not None:
+            self.progress.update(1)
+        members = self.units[member.unit]
+        if any(m.phase != "done" for m in members):
+            return None
+        del self.units[member.unit]
+        return members
+
+
 @dataclass
 class ProblemSearch:
     """One problem in flight."""
@@ -134,38 +174,20 @@ class InflightSearch:
     def __init__(self, model, tokenizer, task, judge, cfg, on_unit: Callable | None = None, progress=None):
         self.model, self.tok, self.task, self.judge, self.cfg = model, tokenizer, task, judge, cfg
         self.on_unit = on_unit or (lambda unit, traces: None)
-        self.progress = progress
-        self.clock = 0
-        self.live: list[ProblemSearch] = []
-        self.units: dict = {}  # unit -> [ProblemSearch, ...] (in the unit's order)
+        self.pool = InFlight(getattr(cfg, "inflight", 64), progress)
+        self.live = self.pool.live  # the pool's list: the loops below read it
         self.stats = {"candidate_requests": 0, "judge_requests": 0}
 
     # -- units ----------------------------------------------------------------------------------------
     def _refill(self, source: Iterator) -> None:
-        limit = max(getattr(self.cfg, "inflight", 64), 1)
-        while len(self.live) < limit:
-            item = next(source, None)
-            if item is None:
-                return
-            unit, problems = item
-            members = [ProblemSearch(p, unit, ready_at=self._tick()) for p in problems]
-            self.units[unit] = members
-            self.live += members
-            for m in members:
-                self._want_candidates(m)
+        self.pool.refill(source, lambda p, unit: ProblemSearch(p, unit, ready_at=self._tick()), self._want_candidates)
 
     def _tick(self) -> int:
-        self.clock += 1
-        return self.clock
+        return self.pool.tick()
 
     def _finish(self, ps: ProblemSearch) -> None:
-        ps.phase = "done"
-        self.live.remove(ps)
-        if self.progress is not None:
-            self.progress.update(1)
-        members = self.units[ps.unit]
-        if all(m.phase == "done" for m in members):
-            del self.units[ps.unit]
+        members = self.pool.finish(ps)
+        if members is not None:
             self.on_unit(ps.unit, [make_trace(m.state, self.task, "psr") for m in members])
 
     # -- the step logic's transitions ----------------------------------------------------------------

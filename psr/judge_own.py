@@ -90,9 +90,9 @@ def candidate_loglik(model, tok, steps: list[dict]) -> list[list[float]]:
     """Mean log-probability per token of each candidate given its prompt, under ``model`` as the policy.
     One forward per step: its candidates right-padded in one batch (padding after a row changes nothing
     before it under causal attention)."""
-    out = []
     if getattr(model, "is_vllm_engine", False):
         return _candidate_loglik_vllm(model, tok, steps)
+    out = []
     for s in steps:
         head_ids, tails = _head_and_tails(tok, s)
         width = len(head_ids) + max(len(t) for t in tails)
