@@ -6,9 +6,12 @@ right, against a random pick among the same candidates (paired per step: gain an
     python benchmarks/self_judge.py --model runs/exp4/init/model --problems 60 --backend vllm \
         --out results/self_judge/m1.json
 
-Modes: ``logits`` (the paper's judge asked with P(A)/P(B), summed over both orders; margin 0 shows its
-lean), ``likelihood`` and ``consistency`` (psr.self_judges; no ground truth, no judge question). Candidates
-and consistency rollouts run on ``--backend``; logits and likelihood read an HF copy of the model.
+Modes (``--modes``): ``logits`` (the paper's judge asked with P(A)/P(B), summed over both orders; ``logits0``:
+margin 0, its lean), ``generate`` (the paper's judge writing its reply, greedy, both orders: a judge trained on
+``justification_kind: recompute`` rows reasons before its verdict; its replies go to ``<out>.replies.jsonl`` and
+its reasoning lines are checked against the truth), ``likelihood`` and ``consistency`` (psr.self_judges; no
+ground truth, no judge question). Candidates, generate-mode replies and consistency rollouts run on
+``--backend``; logits and likelihood read an HF copy of the model.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from psr.engines import GenerationConfig, load_generator  # noqa: E402
 from psr.judge import JudgeConfig  # noqa: E402
-from psr.judge_own import mixed_steps, own_candidates, score_own  # noqa: E402
+from psr.judge_own import mixed_steps, own_candidates, reasoning_lines, score_own  # noqa: E402
 from psr.models import load_model  # noqa: E402
 from psr.self_judges import make_judge  # noqa: E402
 from psr.tasks import ArithmeticTask  # noqa: E402
@@ -40,6 +43,9 @@ def main() -> None:
     ap.add_argument("--task", type=int, nargs=3, default=[2, 4, 20], metavar=("MIN_STEPS", "MAX_STEPS", "MAX_OPERAND"),
                     help="the arithmetic task (default: the experiment's; the demo's is 2 3 10)")
     ap.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    ap.add_argument("--modes", nargs="+", default=["logits", "logits0", "likelihood", "consistency"],
+                    choices=["logits", "logits0", "likelihood", "consistency", "generate"])
+    ap.add_argument("--generate-tokens", type=int, default=96, help="generate mode: new tokens per reply")
     ap.add_argument("--out", default="results/self_judge/bench.json")
     args = ap.parse_args()
     task = ArithmeticTask(min_steps=args.task[0], max_steps=args.task[1], max_operand=args.task[2])
@@ -52,17 +58,33 @@ def main() -> None:
               "problems": args.problems, "width": args.width, "steps": len(steps),
               "mixed_steps": len(mixed_steps(steps)), "candidate_seconds": round(time.perf_counter() - started, 1),
               "modes": {}}
-    hf = engine if args.backend == "hf" else load_model(args.model)[0]
-    judges = {"logits (margin 0.1)": (hf, JudgeConfig(aggregation="sum")),
-              "logits (margin 0: its lean)": (hf, JudgeConfig(aggregation="sum", tie_margin=0.0)),
-              "likelihood": (hf, JudgeConfig(mode="likelihood", tie_margin=0.0))}
-    for k in args.rollouts:
-        judges[f"consistency ({k} rollouts)"] = (engine, JudgeConfig(mode="consistency", tie_margin=0.0,
-                                                                      consistency_rollouts=k))
+    needs_hf = {"logits", "logits0", "likelihood"} & set(args.modes)
+    hf = engine if args.backend == "hf" or not needs_hf else load_model(args.model)[0]
+    judges = {}
+    if "logits" in args.modes:
+        judges["logits (margin 0.1)"] = (hf, JudgeConfig(aggregation="sum"))
+    if "logits0" in args.modes:
+        judges["logits (margin 0: its lean)"] = (hf, JudgeConfig(aggregation="sum", tie_margin=0.0))
+    if "generate" in args.modes:
+        judges["generate (both orders, margin 0)"] = (engine, JudgeConfig(
+            mode="generate", aggregation="sum", tie_margin=0.0, max_new_tokens=args.generate_tokens, batch_size=64))
+    if "likelihood" in args.modes:
+        judges["likelihood"] = (hf, JudgeConfig(mode="likelihood", tie_margin=0.0))
+    if "consistency" in args.modes:
+        for k in args.rollouts:
+            judges[f"consistency ({k} rollouts)"] = (engine, JudgeConfig(mode="consistency", tie_margin=0.0,
+                                                                          consistency_rollouts=k))
+    by_id = {p.id: p for p in problems}
     for name, (model, cfg) in judges.items():
         start = time.perf_counter()
         summary = score_own(make_judge(model, tok, cfg), steps)
         summary["seconds"] = round(time.perf_counter() - start, 1)
+        replies = summary.pop("replies", None)
+        if replies is not None:
+            summary["reasoning"] = reasoning_lines(task, by_id, replies)
+            path = Path(args.out).with_suffix(".replies.jsonl")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r) + "\n" for r in replies))
         result["modes"][name] = summary
         print(f"{name:<30} kept right {summary['kept_right']} {summary['kept_right_interval']} vs random "
               f"{summary['random_right']} (gain {summary['gain_over_random']}, z {summary['gain_z']}), "

@@ -74,7 +74,11 @@ class BuildEFTConfig(ModelOptions):
     pairs_per_step: int = 2  # right-vs-wrong pairs kept per step (different wrong candidates first)
     max_pairs: int | None = None  # after balancing (null: every pair)
     both_orders: bool = True  # each pair as (right, wrong) and (wrong, right), adjacent
-    justification: bool = False  # a short reason before the verdict (for generate-mode judges)
+    justification: bool = False  # a reason before the verdict (for generate-mode judges)
+    # reason: one sentence on which candidate is right (from the labels); recompute: the judge that reasons
+    # exactly, the next step computed from the problem and each candidate's calculation held against it
+    # (task.recompute: the built-in arithmetic task)
+    justification_kind: Literal["reason", "recompute"] = "reason"
     template: str | None = None  # judge prompt template (judge.template); default psr.judge.JUDGE_PROMPT
     chunk_size: int = 16  # problems saved together: the unit of resume (lockstep: also searched together)
     batch_size: int = 48  # sequences per generate call
@@ -519,7 +523,10 @@ def _why(right_pos: str, pair: dict) -> str:
     return f"Candidate {right_pos} is a correct next step; candidate {wrong_pos} is not."
 
 
-def eft_rows(pairs: list[dict], cfg: BuildEFTConfig, rng: random.Random) -> list[dict]:
+def eft_rows(pairs: list[dict], cfg: BuildEFTConfig, rng: random.Random, task: Task | None = None,
+             problems: dict | None = None) -> list[dict]:
+    """Each pair as EFT rows (both orders, adjacent); ``task`` and ``problems`` (id -> Problem) write the
+    ``recompute`` justifications."""
     rows = []
     for n, p in enumerate(pairs):
         orders = [True, False] if cfg.both_orders else [n % 2 == 0]
@@ -528,7 +535,9 @@ def eft_rows(pairs: list[dict], cfg: BuildEFTConfig, rng: random.Random) -> list
             row = {"question": p["question"], "previous_steps": p["previous_steps"], "step_a": a, "step_b": b,
                    "verdict": verdict, "problem_id": p["problem_id"], "step_index": p["step_index"],
                    "ending": ending(p["right"], p["wrong"]), "annotator": cfg.annotator, "source": "search"}
-            if cfg.justification:
+            if cfg.justification and cfg.justification_kind == "recompute":
+                row["justification"] = task.recompute(problems[p["problem_id"]], p["previous_steps"], {"A": a, "B": b})
+            elif cfg.justification:
                 row["justification"] = _why(verdict, p)
             rows.append(row)
     return rows
@@ -546,8 +555,11 @@ def run_build_eft(cfg: BuildEFTConfig, model=None, tokenizer=None, progress: boo
         raise ConfigError(f"annotator 'exact' needs a task that checks steps; {task.name!r} cannot: "
                           "use annotator: rollout")
     problems = task.problems(cfg.split, cfg.limit, seed=cfg.seed, offset=cfg.offset)
+    if cfg.justification and cfg.justification_kind == "recompute" and type(task).recompute is Task.recompute:
+        raise ConfigError(f"justification_kind 'recompute' needs a task that recomputes steps; {task.name!r} "
+                          "cannot: use justification_kind: reason")
     # filtering and writing happen after the search, from every chunk: their settings change no chunk
-    after = ("pairs_per_step", "max_pairs", "both_orders", "justification")
+    after = ("pairs_per_step", "max_pairs", "both_orders", "justification", "justification_kind")
     settings = {k: v for k, v in asdict(cfg).items() if k not in after}
     store = Chunks(out.parent / f"{out.name}.chunks", made_by(settings, cfg.model, cfg.annotator_model), problems,
                    cfg.chunk_size, what="build-eft chunk")
@@ -584,7 +596,7 @@ def run_build_eft(cfg: BuildEFTConfig, model=None, tokenizer=None, progress: boo
     steps = store.rows()
     rng = random.Random(cfg.seed)
     pairs = select_pairs(steps, cfg, rng)
-    rows = eft_rows(pairs, cfg, rng)
+    rows = eft_rows(pairs, cfg, rng, task, {p.id: p for p in problems})
     write_jsonl_atomic(out.parent / f"{out.name}.steps.jsonl", steps)
     write_jsonl_atomic(out, rows)
     labels = [x for s in steps for x in s["labels"]]

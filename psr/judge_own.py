@@ -13,6 +13,7 @@ against a random pick among the same candidates.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -76,6 +77,11 @@ def score_own(judge, steps: list[dict], margins: tuple[float, ...] = (), likelih
     mixed = mixed_steps(steps)
     comps = judge.compare([(s["question"], s["previous_steps"], s["candidates"]) for s in mixed]) if mixed else []
     out = _kept_right(mixed, [c.scores for c in comps], len(steps))
+    replies = sum(len(c.replies) for c in comps)
+    if replies:  # generate mode: how often it gave no verdict, and what it wrote (reasoning judges)
+        out["unparseable"] = round(sum(c.unparseable for c in comps) / replies, 4)
+        keep = ("problem_id", "question", "previous_steps", "candidates", "candidate_correct")
+        out["replies"] = [{**{k: s.get(k) for k in keep}, "replies": c.replies} for s, c in zip(mixed, comps)]
     if margins:
         out["by_margin"] = {str(m): _kept_right(mixed, [summed_scores(c, len(s["candidates"]), m)
                                                         for s, c in zip(mixed, comps)], len(steps))
@@ -132,6 +138,32 @@ def _candidate_loglik_vllm(engine, tok, steps: list[dict]) -> list[list[float]]:
         else:
             out[n].append(float("-inf") if lp is None else sum(lp[start : start + length]) / length)
     return out
+
+
+_LINE_VERDICT = re.compile(r",\s*(right|wrong)\b")
+
+
+def reasoning_lines(task, by_id: dict, replies: list[dict]) -> dict:
+    """How right a reasoning judge's lines are (the ``recompute`` format: "Next step: ..." then "A: ..., right."
+    / "A: ..., wrong..."): the share of replies whose next-step line is the task's, and of candidate lines whose
+    right/wrong is the truth. The verdict can only be as good as these."""
+    next_ok = next_n = line_ok = line_n = 0
+    for r in replies:
+        problem = by_id[r["problem_id"]]
+        want = task.recompute(problem, r["previous_steps"], {}).split("\n")[0]
+        for key, text in r["replies"].items():
+            i, j = map(int, key.split(","))
+            lines = text.split("\n")
+            next_n += 1
+            next_ok += bool(lines) and lines[0].strip() == want
+            for label, c in (("A", i), ("B", j)):
+                said = next((x for x in lines if x.startswith(f"{label}: ")), None)
+                truth = r["candidate_correct"][c] is True
+                line_n += 1
+                verdict = _LINE_VERDICT.search(said or "")
+                line_ok += verdict is not None and (verdict.group(1) == "right") == truth
+    return {"next_step_right": round(next_ok / next_n, 4) if next_n else None, "replies": next_n,
+            "candidate_lines_right": round(line_ok / line_n, 4) if line_n else None, "candidate_lines": line_n}
 
 
 def likelihood_view(mixed: list[dict], comps, lls: list[list[float]]) -> dict:

@@ -70,3 +70,22 @@ def test_difficulty_knobs():
     assert all(b <= 9 for p in ps for _, op, b, _ in p.meta["chain"])
     with pytest.raises(ValueError, match="min_steps"):
         ArithmeticTask(min_steps=5, max_steps=2)
+
+
+def test_recompute_names_the_next_step_and_why_each_candidate_is_right_or_wrong(task, problems):
+    """The exact justification a reasoning judge learns: its line for a candidate says "right" exactly when the
+    step check does, and a miscalculation is recomputed."""
+    rng = random.Random(1)
+    for p in problems[:100]:
+        for k, (a, op, b, r) in enumerate(p.meta["chain"]):
+            previous, good = p.reference_steps[:k], p.reference_steps[k]
+            for kind in CORRUPTIONS:
+                bad = task.corrupt_step(p, k, kind, rng)
+                lines = task.recompute(p, previous, {"A": bad, "B": good}).split("\n")
+                assert lines[0].startswith(f"Next step: {a} {op} {b} = {r}")
+                assert lines[1].startswith("A: ") and ", wrong" in lines[1], (kind, bad, lines)
+                assert lines[2].startswith("B: ") and lines[2].endswith(", right."), (good, lines)
+    p = problems[0]
+    a, op, b, r = p.meta["chain"][0]
+    text = task.recompute(p, [], {"A": f"Step 1: {a} {op} {b} = {r + 1}.", "B": "Step 1: Let us think."})
+    assert text.split("\n")[1:] == [f"A: {a} {op} {b} = {r + 1}, wrong: {a} {op} {b} = {r}.", "B: no calculation."]

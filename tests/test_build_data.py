@@ -132,6 +132,31 @@ def test_pairs_are_right_vs_wrong_balanced_and_in_both_orders(problem):
     assert len(two) == 30 and len({(p["problem_id"], p["step_index"], p["wrong"]) for p in two[:2]}) == 2
 
 
+def test_recompute_justifications_back_the_verdict_in_both_orders(problem):
+    """``justification_kind: recompute``: each row's justification recomputes both candidates, and the line of
+    the verdict's letter is the one that says right."""
+    task = ArithmeticTask(min_steps=3, max_steps=3)
+    cfg = BuildEFTConfig(width=4, pairs_per_step=1, justification=True, justification_kind="recompute")
+    steps = search_chunk([problem], _script(problem), annotate(task, cfg), cfg, random.Random(0))
+    rows = eft_rows(select_pairs(steps, cfg, random.Random(0)), cfg, random.Random(0), task, {problem.id: problem})
+    assert len(rows) == 6
+    for row in rows:
+        lines = row["justification"].split("\n")
+        a, op, b, r = problem.meta["chain"][row["step_index"]]
+        assert lines[0].startswith(f"Next step: {a} {op} {b} = {r}")
+        verdict_line = lines[1] if row["verdict"] == "A" else lines[2]
+        other_line = lines[2] if row["verdict"] == "A" else lines[1]
+        assert verdict_line.endswith("right.") and ", wrong" in other_line
+
+
+def test_recompute_justifications_need_a_task_that_recomputes(tmp_path):
+    cfg = BuildEFTConfig(task=TaskConfig(name="gsm8k", data=str(tmp_path / "g.jsonl")), annotator="rollout",
+                         justification=True, justification_kind="recompute", out=str(tmp_path / "eft.jsonl"))
+    (tmp_path / "g.jsonl").write_text(json.dumps({"question": "1 + 1?", "answer": "2\n#### 2"}) + "\n")
+    with pytest.raises(ConfigError, match="recompute"):
+        run_build_eft(cfg)
+
+
 def test_rollout_annotator_estimates_from_completions_that_reach_the_gold(problem):
     """Math-Shepherd's estimate with scripted completions: 3/4 reach the gold -> right; 0/4 -> wrong;
     1/4 -> unsure (below the threshold, not used); a boxed step is checked directly."""

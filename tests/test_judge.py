@@ -162,6 +162,37 @@ def test_judge_on_its_own_candidates_against_a_random_pick(tiny):
     assert wilson(5, 10) == (0.2366, 0.7634)
 
 
+def test_generate_mode_on_own_candidates_keeps_its_replies_and_checks_reasoning_lines(tiny):
+    """A generate-mode judge (the reasoning judge's mode) through score_own: every reply is kept with its step,
+    and the share without a verdict is reported. reasoning_lines holds each line of a recompute-style reply
+    against the truth: the task's own justification is right throughout, one with flipped lines is not."""
+    from psr.judge import JudgeConfig, StepJudge, judge_reply
+    from psr.judge_own import reasoning_lines, score_own
+
+    model, tok = tiny
+    task = ArithmeticTask(min_steps=2, max_steps=3)
+    p = task.problems("test", 1, seed=1)[0]
+    a, op, b, r = p.meta["chain"][0]
+    cands = [p.reference_steps[0], f"Step 1: {a} {op} {b} = {r + 1}."]
+    steps = [{"problem_id": p.id, "question": p.question, "previous_steps": [], "candidates": cands,
+              "candidate_correct": [True, False]}]
+    judge = StepJudge(model, tok, JudgeConfig(mode="generate", aggregation="sum", tie_margin=0.0, max_new_tokens=8))
+    summary = score_own(judge, steps)
+    assert summary["mixed_steps"] == 1 and 0.0 <= summary["unparseable"] <= 1.0
+    assert sorted(summary["replies"][0]["replies"]) == ["0,1", "1,0"]  # both orders, raw text kept
+
+    def reply(i, j):  # what a perfect reasoning judge writes with candidate i shown as A
+        verdict = "A" if i == 0 else "B"
+        return judge_reply(verdict, task.recompute(p, [], {"A": cands[i], "B": cands[j]}))
+
+    perfect = [{**steps[0], "replies": {"0,1": reply(0, 1), "1,0": reply(1, 0)}}]
+    assert reasoning_lines(task, {p.id: p}, perfect) == {"next_step_right": 1.0, "replies": 2,
+                                                         "candidate_lines_right": 1.0, "candidate_lines": 4}
+    flipped = [{**perfect[0], "replies": {k: v.replace("right.", "X").replace(", wrong", ", right.")
+                                          for k, v in perfect[0]["replies"].items()}}]
+    assert reasoning_lines(task, {p.id: p}, flipped)["candidate_lines_right"] == 0.0
+
+
 def test_own_candidates_re_read_under_another_tie_margin():
     """The same P(A) values, re-read: a weak lean towards the right candidate ties at margin 0.1 (the search
     rolls back) and picks it at margin 0; a lean under the margin never flips the direction."""

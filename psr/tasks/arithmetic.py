@@ -185,6 +185,52 @@ class ArithmeticTask(Task):
             ok = ok and k == last and boxed_ok
         return ok
 
+    def recompute(self, problem: Problem, previous_steps: list[str], steps: dict[str, str]) -> str:
+        """What a judge that reasons writes before its verdict, exactly: the next step computed from the problem,
+        then each candidate's own calculation recomputed and held against it, e.g.
+
+            Next step: 12 * 3 = 36.
+            A: 12 * 3 = 36, right.
+            B: 12 * 3 = 34, wrong: 12 * 3 = 36.
+        """
+        chain, k = problem.meta["chain"], len(previous_steps)
+        if k < len(chain):
+            a, op, b, result = chain[k]
+            final = ", the answer" if k == len(chain) - 1 else ""
+            lines = [f"Next step: {_fmt(a)} {op} {_fmt(b)} = {_fmt(result)}{final}."]
+        else:
+            lines = [f"The answer {problem.gold} is already reached."]
+        lines += [f"{label}: {self._recheck(problem, previous_steps, step)}" for label, step in steps.items()]
+        return "\n".join(lines)
+
+    def _recheck(self, problem: Problem, previous_steps: list[str], step: str) -> str:
+        """One candidate's line of :meth:`recompute`: its last calculation (or answer), right or why not."""
+        chain, k = problem.meta["chain"], len(previous_steps)
+        right = self.check_step(problem, previous_steps, step)
+        boxed = last_boxed(step)
+        eqs = EQUATION_RE.findall(step.replace(",", ""))
+        if not eqs:
+            if boxed is None:
+                return "no calculation."
+            return f"answer {boxed}, " + ("right." if right else "wrong.")
+        x, op, y, z = eqs[-1]
+        op = {"×": "*", "x": "*", "÷": "/"}.get(op, op)
+        claim = f"{x} {op} {y} = {z}"
+        if right:
+            return f"{claim}, right."
+        if op == "/" and _num(y) == 0:
+            return f"{claim}, wrong: no division by 0."
+        value = OPS[op](_num(x), _num(y))
+        if value != _num(z):
+            return f"{claim}, wrong: {x} {op} {y} = {_fmt(value)}."
+        if k >= len(chain):
+            return f"{claim}, wrong: the answer was already reached."
+        if value != chain[k][3]:
+            return f"{claim}, wrong: not the next step."
+        if k < len(chain) - 1:
+            return f"{claim}, wrong: it answers too early."
+        return f"{claim}, wrong: the answer is not {boxed}."
+
     def step_pairs(self, split: str, n: int, seed: int, rng: random.Random, kinds=CORRUPTIONS,
                    cycle_kinds: bool = False) -> list[StepPair]:
         """One pair per problem of ``problems(split, n, seed)``: at a step ``k`` drawn from ``rng``,

@@ -36,3 +36,8 @@ class Task:
     def difficulty(self, problem: Problem) -> str | None:
         """A label to break accuracy down by, when the task has one."""
         return None
+
+    def recompute(self, problem: Problem, previous_steps: list[str], steps: dict[str, str]) -> str | None:
+        """An exact justification for judging ``steps`` (label -> candidate next step after ``previous_steps``):
+        the right next step, then each candidate recomputed against it. None when the task cannot write one."""
+        return None
