@@ -13,7 +13,8 @@ Pieces:
   source as room frees up, keeps up to ``cfg.inflight`` problems in flight, and hands a unit's traces to
   ``on_unit`` once all its problems are done.
   - vLLM: a request queue kept full: every ready request goes into the engine at once (``n=1`` requests with
-    their own seeds; the judge's verdict-letter log-probabilities as one-token requests), and each engine
+    their own seeds; the judge's verdict-letter log-probabilities as one-token requests; the likelihood
+    self-judge's candidate rows as prompt-log-probability requests), and each engine
     step's finished requests move their problems on (vLLM's continuous batching does the rest).
   - HF: ``generate`` is synchronous, so the driver batches whatever is ready: the next ``batch_size``
     candidate sequences from the problems waiting longest, then every pending judgment; each row samples
@@ -23,6 +24,7 @@ Pieces:
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -244,6 +246,9 @@ class InflightSearch:
     def _submit_judgments(self, ps: ProblemSearch) -> None:
         if not self.on_vllm:
             return
+        if self.judge.cfg.mode == "likelihood":
+            self._submit_likelihoods(ps)
+            return
         logits = self.judge.cfg.mode == "logits"
         q, path = ps.problem.question, ps.state["path"]
         n = len(ps.state["events"])
@@ -269,6 +274,33 @@ class InflightSearch:
                       params, (ps, "j", (i, j)))
             self.stats["judge_requests"] += 1
 
+    def _submit_likelihoods(self, ps: ProblemSearch) -> None:
+        """The likelihood self-judge (psr.self_judges): one prompt-log-probability request per candidate, the
+        row that ``candidate_loglik`` reads; a row too long for the context scores -inf, as there."""
+        from psr.judge_own import _head_and_tails
+
+        step = {"question": ps.problem.question, "previous_steps": ps.state["path"], "candidates": ps.cands}
+        head, tails = _head_and_tails(self.tok, step)
+        n = len(ps.state["events"])
+        for k, tail in enumerate(tails):
+            if not tail:
+                ps.values[k] = 0.0
+            elif len(head) + len(tail) + 1 > self.model.max_len:
+                ps.values[k] = float("-inf")
+            else:
+                self._add(f"l|{ps.problem.id}|{n}|{k}", head + tail, self.model.prompt_logprob_params(),
+                          (ps, "l", (k, len(head), len(tail))))
+                self.stats["judge_requests"] += 1
+        if len(ps.values) == len(ps.cands):  # nothing was sent
+            self._judged(ps, self._likelihood_comparison(ps))
+
+    def _likelihood_comparison(self, ps: ProblemSearch) -> Comparison:
+        from psr.self_judges import score_comparison
+
+        lls = [ps.values[k] for k in range(len(ps.cands))]
+        return score_comparison([math.exp(x) if c.strip() else 0.0 for x, c in zip(lls, ps.cands)],
+                                self.judge.cfg.tie_margin)
+
     def _add(self, rid: str, prompt_ids, params, route) -> None:
         self.routes[rid] = route
         self.model.add_request(rid, prompt_ids, params)
@@ -282,6 +314,14 @@ class InflightSearch:
             ps.got += 1
             if ps.got == self.cfg.width:
                 self._got_candidates(ps)
+            return
+        if kind == "l":  # a candidate's mean log-probability per token, as candidate_loglik reads it
+            k, start, length = key
+            lp = out.prompt_logprobs
+            ps.values[k] = sum(d[t].logprob for t, d in zip(out.prompt_token_ids[start:start + length],
+                                                             lp[start:start + length])) / length
+            if len(ps.values) == len(ps.cands):
+                self._judged(ps, self._likelihood_comparison(ps))
             return
         if self.judge.cfg.mode == "logits":
             lp = out.outputs[0].logprobs[0]

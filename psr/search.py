@@ -183,9 +183,9 @@ def run_search(cfg: SearchConfig, model=None, tokenizer=None, progress: bool = T
     store = Chunks(out / "search_chunks", made_by(settings, cfg.model), problems, cfg.chunk_size, what="search chunk")
     store.prepare()
     chunks, chunk_dir = store.chunks, store.root
-    # the in-flight driver queues the paper's judge requests (logits/generate) itself; the self-judges (rollouts,
-    # likelihoods) score whole steps through compare(), in the lockstep driver
-    inflight = cfg.method == "psr" and cfg.driver == "inflight" and cfg.judge.mode in ("logits", "generate", "truth")
+    # the in-flight driver queues the judge's requests itself (the paper's logits/generate judges, the likelihood's
+    # prompt log-probabilities); consistency's rollouts score whole steps through compare(), in the lockstep driver
+    inflight = cfg.method == "psr" and cfg.driver == "inflight" and cfg.judge.mode != "consistency"
     if inflight:  # ranks take chunks as they go (psr.inflight.claimed_units), not round-robin up front
         nonce = broadcast(uuid.uuid4().hex if rank == 0 else None)
         mine = [c for c in range(len(chunks)) if not store.saved(c)]

@@ -5,7 +5,6 @@ batch size; the oracle arm too; and run_search with it resumes and shards as bef
 import pytest
 
 from psr.inflight import request_seed, search_inflight
-from psr.judge import StepJudge
 from psr.search import SearchConfig, model_proposer, search_chunk
 from psr.tasks import ArithmeticTask
 
@@ -23,11 +22,15 @@ def setup(tiny):
     return model, tok, task, task.problems("train", 5, seed=0)
 
 
-@pytest.mark.parametrize("truth", [False, True])
-def test_inflight_traces_equal_lockstep(setup, truth):
+@pytest.mark.parametrize("mode", ["logits", "truth", "likelihood"])
+def test_inflight_traces_equal_lockstep(setup, mode):
+    from psr.judge import JudgeConfig
+    from psr.self_judges import make_judge
+
     model, tok, task, problems = setup
-    cfg = SearchConfig(model="tiny-random", width=3, max_steps=3, max_step_tokens=10, batch_size=6, max_rollbacks=1)
-    judge = None if truth else StepJudge(model, tok, cfg.judge)
+    cfg = SearchConfig(model="tiny-random", width=3, max_steps=3, max_step_tokens=10, batch_size=6, max_rollbacks=1,
+                       judge=JudgeConfig(mode=mode, tie_margin=0.0 if mode == "likelihood" else 0.1))
+    judge = make_judge(model, tok, cfg.judge)
     lockstep = search_chunk(problems, task, model_proposer(model, tok, cfg), judge, cfg)
     inflight = search_inflight(problems, task, model, tok, judge, cfg, unit_size=2)
     assert inflight == lockstep

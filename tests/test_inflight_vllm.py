@@ -51,6 +51,26 @@ def test_inflight_traces_equal_lockstep_on_vllm(engine):
     assert [e["candidates"] for e in inflight[0]["events"][:1]] == [e["candidates"] for e in lockstep[0]["events"][:1]]
 
 
+def test_inflight_likelihood_judge_reads_what_the_lockstep_judge_reads_on_vllm(engine):
+    """The likelihood self-judge in flight: each candidate's row as a prompt-log-probability request, scored as
+    _candidate_loglik_vllm scores it for the lockstep judge, so every step keeps the same candidate."""
+    from psr.inflight import search_inflight
+    from psr.judge import JudgeConfig
+    from psr.search import SearchConfig
+    from psr.self_judges import make_judge
+
+    eng, tok = engine
+    task = ArithmeticTask()
+    problems = task.problems("train", 2, seed=9)
+    cfg = SearchConfig(width=3, max_steps=2, max_step_tokens=24, judge=JudgeConfig(mode="likelihood", tie_margin=0.0))
+    judge = make_judge(eng, tok, cfg.judge)
+    traces = search_inflight(problems, task, eng, tok, judge, cfg, unit_size=1)
+    steps = [(t["question"], e) for t in traces for e in t["events"]]
+    assert steps and all(not e["tie"] for _, e in steps if len(set(e["candidates"])) > 1)
+    for question, e in steps:
+        assert judge.compare([(question, e["previous_steps"], e["candidates"])])[0].scores == e["scores"]
+
+
 def test_build_eft_inflight_equals_lockstep_on_vllm(engine):
     """build-eft's in-flight driver through the engine's request queue (candidates, then rollouts, each an n=1
     request with its own seed) against the lockstep driver's generate calls with the same seeds."""

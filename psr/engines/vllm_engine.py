@@ -180,6 +180,10 @@ class VLLMEngine:
         """The params of a ``choice_probs`` request: one greedy token, the log-probabilities of ``token_ids``."""
         return self._params(SamplingConfig(policy="greedy"), max_tokens=1, logprob_token_ids=list(token_ids))
 
+    def prompt_logprob_params(self):
+        """The params of a ``token_logprobs`` request: one greedy token, the prompt's own log-probabilities."""
+        return self._params(SamplingConfig(policy="greedy"), max_tokens=1, prompt_logprobs=0)
+
     def add_request(self, request_id: str, prompt_ids: list[int], params) -> None:
         from vllm.inputs import TokensPrompt
 
@@ -221,7 +225,7 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         sent = [i for i, r in enumerate(rows) if len(r) + 1 <= self.max_len]
-        params = self._params(SamplingConfig(policy="greedy"), max_tokens=1, prompt_logprobs=0)
+        params = self.prompt_logprob_params()
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(rows[i])) for i in sent], params,
                                  use_tqdm=progress) if sent else []
         result: list[list[float] | None] = [None] * len(rows)
