@@ -19,7 +19,7 @@ from psr.chunks import Chunks, made_by
 from psr.config import ConfigError, check_at_least
 from psr.distributed import broadcast, context, device_for
 from psr.engines import GenerationConfig, load_generator, loads_together, release
-from psr.files import write_json_atomic
+from psr.files import read_json, write_json_atomic
 from psr.generation import cut_after_answer, generate
 from psr.models import ModelOptions
 from psr.sampling import SamplingConfig
@@ -103,6 +103,17 @@ def parts_dir(cfg: EvalConfig) -> Path | None:
     return Path(f"{cfg.out}.parts") if cfg.out else None
 
 
+def finished(out: str | None, made: dict) -> dict | None:
+    """The result at ``out`` when the same config and model made it (its ``made_by``), else None."""
+    if not out or not Path(out).exists():
+        return None
+    try:
+        result = read_json(out)
+    except (OSError, ValueError):
+        return None
+    return result if result.get("made_by") == made else None
+
+
 def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True) -> dict:
     """Run the evaluation and return the result dict (also written to ``cfg.out`` when set).
 
@@ -119,8 +130,13 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
     parts = broadcast(parts_dir(cfg))  # rank 0's: every rank writes where it will look
     if world > 1 and parts is None:
         raise ConfigError("evaluation on several processes needs out (the ranks' results meet in files beside it)")
-    store = Chunks(parts or Path("."), made_by(asdict(cfg), cfg.model), problems, size, id_field="id",
-                   what="evaluation chunk")
+    made = made_by(asdict(cfg), cfg.model)
+    # a finished evaluation of the same config and model is reused whole (a stage killed after it resumes
+    # without evaluating it again)
+    done = broadcast(finished(cfg.out, made) if rank == 0 else None)
+    if done is not None:
+        return done if rank == 0 else {}
+    store = Chunks(parts or Path("."), made, problems, size, id_field="id", what="evaluation chunk")
     if parts is not None:
         store.prepare()
         mine = store.pending(rank, world)
@@ -184,6 +200,7 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
                        "ranks": [{k: round(v, 2) if k == "seconds" else v for k, v in r.items()} for r in ranks],
                        "device": device, "backend": cfg.generation.backend},
         "config": asdict(cfg),
+        "made_by": made,
         "problems": rows,
     }
     if cfg.out:

@@ -80,9 +80,13 @@ def test_killed_evaluation_resumes_at_its_first_unsaved_chunk(tmp_path, tiny, mo
     assert len(calls) == 1  # only the unsaved chunk was evaluated again
     assert _without(resumed) == _without(straight)
     assert not Path(f"{cfg.out}.parts").exists()
+    # finished: the same config and model get the result back without evaluating a chunk (a stage killed after
+    # this benchmark resumes past it)
+    calls.clear()
+    assert ev.evaluate(cfg, model, tok, progress=False) == resumed and calls == []
     # a different config never picks up another's chunks: they are named and done again
+    Path(cfg.out).unlink()
     with pytest.raises(KeyboardInterrupt):
-        calls.clear()
         ev.evaluate(cfg, model, tok, progress=False)  # two chunks saved again, then killed
     other = ev.EvalConfig(**{**cfg.__dict__, "max_new_tokens": 9})
     calls.clear()
