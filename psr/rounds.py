@@ -259,7 +259,7 @@ def eval_stage(cfg: RunConfig, model_dir_of, out_dir: Path, rank: int):
                 tts = run_search(scfg, model, tok)
             if rank != 0:
                 continue  # rank 0 summarises; every rank goes on to the judge's engine and the release below
-            entry = {k: v for k, v in r.items() if k not in ("problems", "config")}
+            entry = {k: v for k, v in r.items() if k not in ("problems", "config", "made_by")}
             outputs = [p["output"] for p in r["problems"]]
             entry["mean_steps"] = sum(p["n_steps"] for p in r["problems"]) / max(1, len(outputs))
             entry["mean_step_chars"] = sum(len(o) for o in outputs) / max(1, sum(p["n_steps"] for p in r["problems"]))
@@ -290,6 +290,16 @@ def eval_stage(cfg: RunConfig, model_dir_of, out_dir: Path, rank: int):
     return run
 
 
+def init_config(cfg: RunConfig, out: Path):
+    """The init stage's InitConfig: the run's model, task, seed and options; its judge template; and its engine
+    for init's own search (unless ``init.eft_search.generation`` says otherwise)."""
+    icfg = dataclasses.replace(cfg.init, model=cfg.model, out=str(out), task=cfg.task, seed=cfg.seed,
+                               data_seed=cfg.seed, judge_template=cfg.search.judge.template, **_options(cfg))
+    if icfg.eft_search.generation == GenerationConfig():
+        icfg = dataclasses.replace(icfg, eft_search=dataclasses.replace(icfg.eft_search, generation=cfg.generation))
+    return icfg
+
+
 def init_stage(cfg: RunConfig, run_dir: Path):
     out = run_dir / "init" / "model"
 
@@ -298,9 +308,7 @@ def init_stage(cfg: RunConfig, run_dir: Path):
 
         if cfg.m1 is not None:  # checked up front by check_m1
             return {"model": in_run(cfg.m1, run_dir), "given": True}
-        icfg = dataclasses.replace(cfg.init, model=cfg.model, out=str(out), task=cfg.task, seed=cfg.seed,
-                                   data_seed=cfg.seed, judge_template=cfg.search.judge.template, **_options(cfg))
-        log = run_init(icfg)
+        log = run_init(init_config(cfg, out))
         return {"model": in_run(out, run_dir), "seconds_per_step": log.get("seconds_per_step")}
 
     return run

@@ -226,6 +226,13 @@ def test_init_with_eft_from_search_trains_the_ift_pass_then_builds_eft_then_m1(t
     mtime = (tmp_path / "init" / "ift_pass" / "model.safetensors").stat().st_mtime_ns
     run_init(cfg)
     assert (tmp_path / "init" / "ift_pass" / "model.safetensors").stat().st_mtime_ns == mtime
+    # a setting that shapes only the EFT rows (a judge that reasons) keeps the IFT pass and its search
+    capsys.readouterr()
+    run_init(from_dict(InitConfig, {**to_dict(cfg), "eft_justification": True,
+                                    "eft_search": {**to_dict(cfg.eft_search), "justification": True,
+                                                   "justification_kind": "recompute"}}))
+    assert (tmp_path / "init" / "ift_pass" / "model.safetensors").stat().st_mtime_ns == mtime
+    assert "made by another config" not in capsys.readouterr().err
     # the EFT search's problems come after the IFT problems of the same stream: none is an IFT problem
     ift_ids = {r["problem_id"] for r in read_jsonl(tmp_path / "init" / "model" / "ift.jsonl")}
     eft_ids = {s["problem_id"] for s in read_jsonl(tmp_path / "init" / "eft_search" / "eft.jsonl.steps.jsonl")}

@@ -29,7 +29,7 @@ def _run(run_dir, *extra):
 def _without_paths_and_timings(data):
     if isinstance(data, dict):
         return {k: _without_paths_and_timings(v) for k, v in data.items()
-                if k not in ("throughput", "seconds", "config", "model")}
+                if k not in ("throughput", "seconds", "config", "model", "made_by")}
     return [_without_paths_and_timings(v) for v in data] if isinstance(data, list) else data
 
 
@@ -127,6 +127,21 @@ def test_unknown_restart_stage_and_bad_keys_are_named(tmp_path):
     bad.write_text("name: x\nsearch:\n  widht: 3\n")
     with pytest.raises(ConfigError, match=r"unknown key search.widht"):
         load_config(RunConfig, bad)
+
+
+def test_the_runs_engine_samples_inits_own_search_unless_init_names_one(tmp_path):
+    """generation.backend: vllm used to reach the rounds' search and eval but not init's build-eft, which
+    sampled on HF; an engine set under init.eft_search stays."""
+    from psr.rounds import init_config
+
+    cfg = load_config(RunConfig, ROOT / "recipes/smollm2/iterate/config_experiment_v4.yaml")
+    assert cfg.generation.backend == "vllm"
+    icfg = init_config(cfg, tmp_path / "model")
+    assert icfg.eft_search.generation == cfg.generation and icfg.model == cfg.model and icfg.data_seed == cfg.seed
+    own = tmp_path / "own.yaml"
+    own.write_text("name: x\ngeneration: {backend: vllm}\ninit:\n  eft_search:\n    generation: {backend: hf, "
+                   "max_model_len: 1024}\n")
+    assert init_config(load_config(RunConfig, own), tmp_path / "m").eft_search.generation.max_model_len == 1024
 
 
 @pytest.mark.parametrize("recipe", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").rglob("*.yaml")))

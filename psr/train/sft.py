@@ -325,6 +325,11 @@ def task_problems_used(cfg: InitConfig) -> int:
     return used
 
 
+# InitConfig fields the IFT pass (IFT rows only) does not read
+EFT_ONLY_FIELDS = ("eft_examples", "eft_data", "eft_justification", "eft_both_orders", "corruptions", "judge_template",
+                   "eft_source", "eft_search", "eft_search_model", "init_from")
+
+
 def search_eft(cfg: InitConfig, callbacks: list | None = None) -> tuple[InitConfig, dict]:
     """``eft_source: search``: the IFT pass (if asked for), then build-eft with its candidates, next to
     ``cfg.out`` (``ift_pass/``, ``eft_search/``); each part is skipped when it is already there, so a
@@ -338,7 +343,10 @@ def search_eft(cfg: InitConfig, callbacks: list | None = None) -> tuple[InitConf
         ift_dir = base / "ift_pass"
         ift_only = dataclasses.replace(cfg, eft_source="corruptions", eft_examples=0, out=str(ift_dir), max_steps=-1)
         # reused only when the same settings and starting model made it (train_log.json is written last)
-        stamp = made_by(dataclasses.asdict(ift_only), cfg.model)
+        # the fields that shape only the EFT rows or M1 do not make the IFT pass: an arm that changes its judge data
+        # reuses it
+        ift_settings = {k: v for k, v in dataclasses.asdict(ift_only).items() if k not in EFT_ONLY_FIELDS}
+        stamp = made_by(ift_settings, cfg.model)
         made = read_json(ift_dir / "train_log.json").get("made_by") if (ift_dir / "train_log.json").exists() else None
         if made != stamp:
             if ift_dir.exists():
