@@ -14,7 +14,7 @@ policy's likelihood beside it.
         --scales 1 4 --kinds verdict recompute --out runs/judge_curve
 
 Resumable: a search resumes by chunks, a trained M1 (``train_log.json``) and a measure (its JSON) are reused.
-Summary: ``<out>/summary.json`` (copy it to results/self_judge/).
+Summary: ``<out>/summary.json`` and ``summary.png`` (copy them to results/self_judge/).
 """
 
 from __future__ import annotations
@@ -78,6 +78,35 @@ def measure(model_dir: Path, kind: str, args, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
+def plot(summary: dict, path: Path) -> None:
+    """Kept right at mixed steps per arm and judge mode (95% Wilson intervals), against a random pick."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [(f"{name}\n{mode.split(' (')[0]}", v) for name, arm in summary["arms"].items()
+            for mode, v in arm["modes"].items() if v.get("kept_right") is not None]
+    if not bars:
+        return
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(bars)), 4))
+    for x, (label, v) in enumerate(bars):
+        lo, hi = v["kept_right_interval"]
+        ax.bar(x, v["kept_right"], color="tab:blue" if "likelihood" in label else "tab:orange")
+        ax.errorbar(x, v["kept_right"], yerr=[[v["kept_right"] - lo], [hi - v["kept_right"]]], color="black",
+                    capsize=3)
+        ax.plot([x - 0.4, x + 0.4], [v["random_right"]] * 2, color="grey", linestyle="--")
+    ax.axhline(0.75, color="green", linewidth=0.8, label="goal 0.75")
+    ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=7)
+    ax.set_ylabel("kept right at mixed steps")
+    ax.set_ylim(0, 1)
+    ax.set_title("self-judges on their own candidates (dashed: a random pick)")
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="recipes/smollm2/iterate/config_experiment_v4.yaml")
@@ -115,6 +144,7 @@ def main() -> None:
                           for m, v in result["modes"].items()},
                 "seconds": round(time.perf_counter() - started, 1)}
             (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            plot(summary, out / "summary.png")
             print(name, json.dumps(summary["arms"][name]["modes"]), flush=True)
 
 
