@@ -22,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from psr.files import DataError, read_json, read_jsonl, write_text_atomic  # noqa: E402
+from psr.files import DataError, read_json, read_jsonl, write_jsonl_atomic, write_text_atomic  # noqa: E402
 from psr.pairs import ending_pairs, judge_in_search  # noqa: E402
 from psr.steps import has_final_answer  # noqa: E402
 
@@ -337,8 +337,7 @@ def difference_rows(run_dir: Path, data: dict, alpha: float = 0.05) -> list[list
     with a z: a model whose answers did not change at all is no test): "yes" where it is below
     ``alpha``, i.e. significant with the family-wise error rate held at ``alpha``."""
     rows = [["model", "benchmark", "n", "accuracy", "vs M1", "95% interval", "z", "p", "Holm p", "significant"]]
-    chain = [("M1", "init")] + [(f"M{c['round'] + 1} {m.upper()}", f"{m}/round_{c['round']}")
-                                 for m, cs in data["methods"].items() for c in cs]
+    chain = model_stages(data)[1:]
     found = []
     for bench in _benchmarks(data):
         m1 = _correct_by_id(run_dir / "init", bench)
@@ -404,10 +403,30 @@ def stage_times(run_dir: str | Path) -> list[tuple[str, float]]:
     return [(d["stage"], d["seconds"]) for d in done if "stage" in d and "seconds" in d]
 
 
+def model_stages(data: dict) -> list[tuple[str, str]]:
+    """(label, stage folder) of every model the run evaluated: M0, M1, then each method's rounds."""
+    return [("M0", "m0"), ("M1", "init")] + [(f"M{c['round'] + 1} {m.upper()}", f"{m}/round_{c['round']}")
+                                              for m, cs in data["methods"].items() for c in cs]
+
+
+def write_per_problem(run_dir: Path, data: dict) -> Path:
+    """``per_problem.jsonl``: every evaluated model's grade on every held-out problem (model, benchmark, problem
+    id, right or wrong, answered or not), so that each accuracy and paired difference of the report can be
+    re-derived from one small file (results/ keeps it; the eval JSONs with whole solutions stay in the run)."""
+    rows = []
+    for label, sub in model_stages(data):
+        for bench in _benchmarks(data):
+            for r in (_load(run_dir / sub / f"eval_{bench}.json") or {}).get("problems") or []:
+                rows.append({"model": label, "stage": sub, "benchmark": bench, "id": r["id"],
+                             "correct": bool(r["correct"]), "answered": r.get("answered")})
+    return write_jsonl_atomic(run_dir / "per_problem.jsonl", rows)
+
+
 def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     data = collect(run_dir)
     plots = write_plots(run_dir, data)
+    write_per_problem(run_dir, data)
     lines = [f"# Run report: {run_dir.name}", "",
              "Accuracy is greedy pass@1 on held-out problems, graded by the first final answer a solution gives "
              "(none is wrong; \"answered\" is the share that gives one); the judge is scored on held-out "

@@ -35,6 +35,13 @@ def test_report_lists_each_model_against_m1(tmp_path):
     from psr.report import summary_table
 
     assert "M2 PSR  arith      40  0.500     +0.300 (vs M1)" in summary_table(tmp_path)
+    # every model's grade per problem, beside the report: each figure re-derived from one small file
+    rows = [json.loads(line) for line in (tmp_path / "per_problem.jsonl").read_text().splitlines()]
+    assert len(rows) == 120 and {r["model"] for r in rows} == {"M0", "M1", "M2 PSR"}
+    m2 = [r for r in rows if r["model"] == "M2 PSR"]
+    assert sum(r["correct"] for r in m2) / len(m2) == 0.5 and m2[0] == {
+        "model": "M2 PSR", "stage": "psr/round_1", "benchmark": "arith", "id": "p0", "correct": True,
+        "answered": None}
 
 
 def test_wilson_and_holm_against_hand_values():
