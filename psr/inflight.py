@@ -24,7 +24,6 @@ Pieces:
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -295,11 +294,9 @@ class InflightSearch:
             self._judged(ps, self._likelihood_comparison(ps))
 
     def _likelihood_comparison(self, ps: ProblemSearch) -> Comparison:
-        from psr.self_judges import score_comparison
+        from psr.self_judges import likelihood_comparison
 
-        lls = [ps.values[k] for k in range(len(ps.cands))]
-        return score_comparison([math.exp(x) if c.strip() else 0.0 for x, c in zip(lls, ps.cands)],
-                                self.judge.cfg.tie_margin)
+        return likelihood_comparison([ps.values[k] for k in range(len(ps.cands))], ps.cands, self.judge.cfg.tie_margin)
 
     def _add(self, rid: str, prompt_ids, params, route) -> None:
         self.routes[rid] = route

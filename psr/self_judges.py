@@ -98,8 +98,13 @@ class LikelihoodJudge:
         steps = [{"question": q, "previous_steps": list(prev), "candidates": cands} for q, prev, cands in items]
         with torch.no_grad():
             lls = candidate_loglik(self.model, self.tok, steps)
-        return [score_comparison([math.exp(x) if c.strip() else 0.0 for x, c in zip(ll, s["candidates"])],
-                                 self.cfg.tie_margin) for ll, s in zip(lls, steps)]
+        return [likelihood_comparison(ll, s["candidates"], self.cfg.tie_margin) for ll, s in zip(lls, steps)]
+
+
+def likelihood_comparison(lls: list[float], candidates: list[str], tie_margin: float) -> Comparison:
+    """Wins from each candidate's mean log-probability per token (an empty candidate scores 0); the in-flight
+    search reads the same values from its own requests."""
+    return score_comparison([math.exp(x) if c.strip() else 0.0 for x, c in zip(lls, candidates)], tie_margin)
 
 
 def make_judge(model, tokenizer, cfg: JudgeConfig):
