@@ -9,9 +9,9 @@ right, against a random pick among the same candidates (paired per step: gain an
 Modes (``--modes``): ``logits`` (the paper's judge asked with P(A)/P(B), summed over both orders; ``logits0``:
 margin 0, its lean), ``generate`` (the paper's judge writing its reply, greedy, both orders: a judge trained on
 ``justification_kind: recompute`` rows reasons before its verdict; its replies go to ``<out>.replies.jsonl`` and
-its reasoning lines are checked against the truth), ``likelihood`` and ``consistency`` (psr.self_judges; no
-ground truth, no judge question). Candidates, generate-mode replies and consistency rollouts run on
-``--backend``; logits and likelihood read an HF copy of the model.
+its reasoning lines are checked against the truth), ``likelihood`` (``likelihood_min``: by the least likely
+token) and ``consistency`` (psr.self_judges; no ground truth, no judge question). Candidates, generate-mode
+replies and consistency rollouts run on ``--backend``; logits and likelihood read an HF copy of the model.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main() -> None:
                     help="the arithmetic task (default: the experiment's; the demo's is 2 3 10)")
     ap.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     ap.add_argument("--modes", nargs="+", default=["logits", "logits0", "likelihood", "consistency"],
-                    choices=["logits", "logits0", "likelihood", "consistency", "generate"])
+                    choices=["logits", "logits0", "likelihood", "likelihood_min", "consistency", "generate"])
     ap.add_argument("--generate-tokens", type=int, default=96, help="generate mode: new tokens per reply")
     ap.add_argument("--out", default="results/self_judge/bench.json")
     args = ap.parse_args()
@@ -58,7 +58,7 @@ def main() -> None:
               "problems": args.problems, "width": args.width, "steps": len(steps),
               "mixed_steps": len(mixed_steps(steps)), "candidate_seconds": round(time.perf_counter() - started, 1),
               "modes": {}}
-    needs_hf = {"logits", "logits0", "likelihood"} & set(args.modes)
+    needs_hf = {"logits", "logits0", "likelihood", "likelihood_min"} & set(args.modes)
     hf = engine if args.backend == "hf" or not needs_hf else load_model(args.model)[0]
     judges = {}
     if "logits" in args.modes:
@@ -70,6 +70,9 @@ def main() -> None:
             mode="generate", aggregation="sum", tie_margin=0.0, max_new_tokens=args.generate_tokens, batch_size=64))
     if "likelihood" in args.modes:
         judges["likelihood"] = (hf, JudgeConfig(mode="likelihood", tie_margin=0.0))
+    if "likelihood_min" in args.modes:
+        judges["likelihood (min token)"] = (hf, JudgeConfig(mode="likelihood", tie_margin=0.0,
+                                                             likelihood_reduction="min"))
     if "consistency" in args.modes:
         for k in args.rollouts:
             judges[f"consistency ({k} rollouts)"] = (engine, JudgeConfig(mode="consistency", tie_margin=0.0,

@@ -312,11 +312,14 @@ class InflightSearch:
             if ps.got == self.cfg.width:
                 self._got_candidates(ps)
             return
-        if kind == "l":  # a candidate's mean log-probability per token, as candidate_loglik reads it
+        if kind == "l":  # a candidate's reduced log-probability, as candidate_loglik reads it
+            from psr.judge_own import reduce_logprobs
+
             k, start, length = key
             lp = out.prompt_logprobs
-            ps.values[k] = sum(d[t].logprob for t, d in zip(out.prompt_token_ids[start:start + length],
-                                                             lp[start:start + length])) / length
+            ps.values[k] = reduce_logprobs([d[t].logprob for t, d in zip(out.prompt_token_ids[start:start + length],
+                                                                         lp[start:start + length])],
+                                           self.judge.cfg.likelihood_reduction)
             if len(ps.values) == len(ps.cands):
                 self._judged(ps, self._likelihood_comparison(ps))
             return

@@ -116,6 +116,10 @@ class JudgeConfig:
     consistency_rollouts: int = 4  # consistency: completions from each candidate
     consistency_max_new_tokens: int = 160  # consistency: tokens per completion (each stops at its answer line)
     consistency_temperature: float = 0.7  # consistency: sampling temperature of the completions
+    # likelihood: a candidate's score from its tokens' log-probabilities: mean (the geometric-mean probability)
+    # or min (its least likely token: a step is as doubtful as its weakest choice, which a long sure tail
+    # otherwise averages away)
+    likelihood_reduction: Literal["mean", "min"] = "mean"
 
     def __post_init__(self):
         if not 0 <= self.tie_margin < 1:

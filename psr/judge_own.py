@@ -91,13 +91,21 @@ def score_own(judge, steps: list[dict], margins: tuple[float, ...] = (), likelih
     return out
 
 
+def reduce_logprobs(logprobs: list[float], reduction: str = "mean") -> float:
+    """One candidate's score from its tokens' log-probabilities: their mean, or their min (the least likely
+    token). An empty candidate scores 0 (callers give it probability 0 themselves)."""
+    if not logprobs:
+        return 0.0
+    return min(logprobs) if reduction == "min" else sum(logprobs) / len(logprobs)
+
+
 @torch.no_grad()
-def candidate_loglik(model, tok, steps: list[dict]) -> list[list[float]]:
-    """Mean log-probability per token of each candidate given its prompt, under ``model`` as the policy.
-    One forward per step: its candidates right-padded in one batch (padding after a row changes nothing
-    before it under causal attention)."""
+def candidate_loglik(model, tok, steps: list[dict], reduction: str = "mean") -> list[list[float]]:
+    """Log-probability of each candidate given its prompt, under ``model`` as the policy, reduced over its
+    tokens by ``reduction`` (mean per token, or min). One forward per step: its candidates right-padded in one
+    batch (padding after a row changes nothing before it under causal attention)."""
     if getattr(model, "is_vllm_engine", False):
-        return _candidate_loglik_vllm(model, tok, steps)
+        return _candidate_loglik_vllm(model, tok, steps, reduction)
     out = []
     for s in steps:
         head_ids, tails = _head_and_tails(tok, s)
@@ -109,7 +117,7 @@ def candidate_loglik(model, tok, steps: list[dict]) -> list[list[float]]:
         logits = model(input_ids=ids, attention_mask=torch.tensor(mask, device=model.device)).logits
         logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
         start = len(head_ids) - 1  # the first tail token is predicted at the last head position
-        out.append([logp[i, start:start + len(t)].mean().item() if t else 0.0 for i, t in enumerate(tails)])
+        out.append([reduce_logprobs(logp[i, start:start + len(t)].tolist(), reduction) for i, t in enumerate(tails)])
     return out
 
 
@@ -121,7 +129,7 @@ def _head_and_tails(tok, s: dict) -> tuple[list[int], list[list[int]]]:
     return tok(head, add_special_tokens=False)["input_ids"], tails
 
 
-def _candidate_loglik_vllm(engine, tok, steps: list[dict]) -> list[list[float]]:
+def _candidate_loglik_vllm(engine, tok, steps: list[dict], reduction: str = "mean") -> list[list[float]]:
     """``candidate_loglik`` on a vLLM engine: every (prompt + candidate) row's prompt log-probabilities in one
     batch. A row longer than the context scores -inf (probability 0: never kept over one that fits)."""
     rows, where = [], []
@@ -136,7 +144,7 @@ def _candidate_loglik_vllm(engine, tok, steps: list[dict]) -> list[list[float]]:
         if not length:
             out[n].append(0.0)
         else:
-            out[n].append(float("-inf") if lp is None else sum(lp[start : start + length]) / length)
+            out[n].append(float("-inf") if lp is None else reduce_logprobs(lp[start : start + length], reduction))
     return out
 
 

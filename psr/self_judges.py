@@ -6,7 +6,8 @@ question and without any ground truth. They answer the same ``compare`` call as 
   completions from each candidate, each stopped at its answer line; the answer most of the step's
   rollouts reach is the step's consensus, and a candidate's score is the share of its own rollouts that
   reach it. A candidate that already gives the answer scores 1 when that answer is the consensus.
-- ``likelihood``: the policy's per-token probability of the candidate (geometric mean), on HF or vLLM.
+- ``likelihood``: the policy's per-token probability of the candidate (geometric mean), or with
+  ``likelihood_reduction: min`` the probability of its least likely token; on HF or vLLM.
 
 Candidate i beats j when ``score_i - score_j`` exceeds ``judge.tie_margin`` (both scores in [0, 1], so
 the margin means the same in both modes); equal scores tie and the search rolls back, as with the LLM
@@ -84,8 +85,8 @@ class ConsistencyJudge:
 
 
 class LikelihoodJudge:
-    """The policy's per-token probability of each candidate (geometric mean): one forward per step on HF, the
-    prompt log-probabilities of every candidate in one batch on vLLM."""
+    """The policy's per-token probability of each candidate (geometric mean, or its least likely token): one
+    forward per step on HF, the prompt log-probabilities of every candidate in one batch on vLLM."""
 
     def __init__(self, model, tokenizer, cfg):
         self.model, self.tok, self.cfg = model, tokenizer, cfg
@@ -97,13 +98,13 @@ class LikelihoodJudge:
 
         steps = [{"question": q, "previous_steps": list(prev), "candidates": cands} for q, prev, cands in items]
         with torch.no_grad():
-            lls = candidate_loglik(self.model, self.tok, steps)
+            lls = candidate_loglik(self.model, self.tok, steps, self.cfg.likelihood_reduction)
         return [likelihood_comparison(ll, s["candidates"], self.cfg.tie_margin) for ll, s in zip(lls, steps)]
 
 
 def likelihood_comparison(lls: list[float], candidates: list[str], tie_margin: float) -> Comparison:
-    """Wins from each candidate's mean log-probability per token (an empty candidate scores 0); the in-flight
-    search reads the same values from its own requests."""
+    """Wins from each candidate's reduced log-probability (``candidate_loglik``; an empty candidate scores 0);
+    the in-flight search reads the same values from its own requests."""
     return score_comparison([math.exp(x) if c.strip() else 0.0 for x, c in zip(lls, candidates)], tie_margin)
 
 

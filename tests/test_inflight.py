@@ -22,14 +22,15 @@ def setup(tiny):
     return model, tok, task, task.problems("train", 5, seed=0)
 
 
-@pytest.mark.parametrize("mode", ["logits", "truth", "likelihood"])
+@pytest.mark.parametrize("mode", ["logits", "truth", "likelihood", "likelihood-min"])
 def test_inflight_traces_equal_lockstep(setup, mode):
     from psr.judge import JudgeConfig
     from psr.self_judges import make_judge
 
     model, tok, task, problems = setup
+    likelihood = dict(mode="likelihood", tie_margin=0.0, likelihood_reduction=mode.removeprefix("likelihood-"))
     cfg = SearchConfig(model="tiny-random", width=3, max_steps=3, max_step_tokens=10, batch_size=6, max_rollbacks=1,
-                       judge=JudgeConfig(mode=mode, tie_margin=0.0 if mode == "likelihood" else 0.1))
+                       judge=JudgeConfig(**likelihood) if mode.startswith("likelihood") else JudgeConfig(mode=mode))
     judge = make_judge(model, tok, cfg.judge)
     lockstep = search_chunk(problems, task, model_proposer(model, tok, cfg), judge, cfg)
     inflight = search_inflight(problems, task, model, tok, judge, cfg, unit_size=2)

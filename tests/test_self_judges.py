@@ -37,6 +37,26 @@ def test_score_comparison_ties_within_the_margin():
     assert max(score_comparison([0.5, 0.5], 0.0).scores) == 0  # equal scores: the search's tie rule fires
 
 
+def test_likelihood_reduction_min_scores_a_candidate_by_its_least_likely_token(tiny):
+    """mean and min read the same token log-probabilities; min ranks by the weakest token, so a candidate with
+    one doubtful token loses to one that is evenly likely even when its mean is higher."""
+    from psr.judge_own import candidate_loglik, reduce_logprobs
+
+    assert reduce_logprobs([-0.1, -0.1, -2.0]) == pytest.approx(-2.2 / 3)
+    assert reduce_logprobs([-0.1, -0.1, -2.0], "min") == -2.0 and reduce_logprobs([], "min") == 0.0
+    evenly, one_doubt = [-0.5, -0.5, -0.5], [-0.01, -0.01, -1.2]
+    assert reduce_logprobs(one_doubt) > reduce_logprobs(evenly)
+    assert reduce_logprobs(one_doubt, "min") < reduce_logprobs(evenly, "min")
+    model, tok = tiny
+    cands = ["Step 1: 2 + 3 = 5.", "Step 1: 2 + 3 = 6.", ""]
+    steps = [{"question": "What is 2 + 3?", "previous_steps": [], "candidates": cands}]
+    mean, low = candidate_loglik(model, tok, steps)[0], candidate_loglik(model, tok, steps, "min")[0]
+    assert all(b <= a for a, b in zip(mean, low)) and low != mean
+    judge = make_judge(model, tok, JudgeConfig(mode="likelihood", tie_margin=0.0, likelihood_reduction="min"))
+    comp = judge.compare([(steps[0]["question"], [], steps[0]["candidates"])])[0]
+    assert comp.scores[2] == 0 and comp.scores[0] == int(low[0] > low[1]) + 1  # an empty candidate never wins
+
+
 @pytest.mark.parametrize("mode", ["consistency", "likelihood"])
 def test_self_judges_drive_the_search_on_tiny_random(tmp_path, tiny, mode):
     from psr.config import from_dict

@@ -84,6 +84,8 @@ def test_likelihood_judge_matches_hf(engines, problems):
     v, h = candidate_loglik(engine, tok, steps), candidate_loglik(model, tok, steps)
     for a, b in zip(v, h):
         assert a == pytest.approx(b, abs=1e-3)
+    for a, b in zip(candidate_loglik(engine, tok, steps, "min"), candidate_loglik(model, tok, steps, "min")):
+        assert a == pytest.approx(b, abs=1e-2)
     items = [(s["question"], s["previous_steps"], s["candidates"]) for s in steps]
     cfg = JudgeConfig(mode="likelihood")
     assert [c.scores for c in LikelihoodJudge(engine, tok, cfg).compare(items)] == \
