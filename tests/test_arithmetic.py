@@ -51,6 +51,13 @@ def test_check_step_on_model_style_steps(task):
     assert task.check_step(p, [], f"Step 1: The answer is \\boxed{{{p.gold}}}.") is (len(p.meta["chain"]) == 1)
     # Solved already: any further computation is off the path.
     assert task.check_step(p, p.reference_steps, "Step 9: 1 + 1 = 2.") is False
+    # The last step must give the answer: its right computation alone stops short of it (a model that
+    # writes it goes on computing), and the answer on its own after that is still right.
+    *before, final = p.reference_steps
+    a, op, b, r = p.meta["chain"][-1]
+    assert task.check_step(p, before, final) is True
+    assert task.check_step(p, before, f"Step {len(before) + 1}: {a} {op} {b} = {r}.") is False
+    assert task.check_step(p, p.reference_steps, f"Step 9: The answer is \\boxed{{{p.gold}}}.") is True
 
 
 def test_splits_are_disjoint_and_reproducible(task):

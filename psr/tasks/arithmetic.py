@@ -166,7 +166,10 @@ class ArithmeticTask(Task):
     def check_step(self, problem: Problem, previous_steps: list[str], step: str) -> bool | None:
         """Exact check of the step after ``previous_steps``: its (last) equation must be true and
         give this step's known result; a boxed answer must be the gold one and come only in the
-        last step. A step with neither an equation nor a boxed answer is unknown (None)."""
+        last step, which must give it (as the reference's last step does: a last step that stops
+        short of the answer leads a small model to compute on past it, and a check that passed it would
+        never prefer the step that answers). A step with neither an equation nor a boxed answer is
+        unknown (None)."""
         chain = problem.meta["chain"]
         k, last = len(previous_steps), len(chain) - 1
         boxed = last_boxed(step)
@@ -183,6 +186,8 @@ class ArithmeticTask(Task):
         ok = OPS[op](_num(x), _num(y)) == _num(z) and _num(z) == chain[k][3]
         if boxed is not None:
             ok = ok and k == last and boxed_ok
+        elif k == last:
+            ok = False
         return ok
 
     def recompute(self, problem: Problem, previous_steps: list[str], steps: dict[str, str]) -> str:
