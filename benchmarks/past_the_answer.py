@@ -1,0 +1,60 @@
+"""How often a model reaches the right result in the last step without giving the answer, then computes on
+(built-in arithmetic task): from a run's saved evaluation outputs, per model, and among the problems each model
+lost against M1. The step check once passed such a last step (docs/results.md, "Step truth").
+
+    python benchmarks/past_the_answer.py runs/v4_s0 --out results/experiment_v4/oracle_s0/past_the_answer.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+STEP = re.compile(r"Step (\d+):([^\n]*)")
+
+
+def gold_steps(question: str) -> int:
+    """The built-in problems' shape: a starting sentence, one sentence a step, then the question."""
+    return len([s for s in re.split(r"(?<=[.?])\s+", question.strip()) if s]) - 2
+
+
+def went_past(row: dict) -> bool:
+    """The last step's result is the gold, no answer in that step, and more steps follow."""
+    n, steps = gold_steps(row["question"]), STEP.findall(row["output"])
+    for k, text in steps:
+        if int(k) == n and len(steps) > n and "boxed" not in text:
+            if re.search(r"=\s*" + re.escape(str(row["gold"])) + r"\.?\s*$", text.strip()):
+                return True
+    return False
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", nargs="?", default="runs/v4_s0", help="a run folder (its stages' eval_*.json)")
+    ap.add_argument("--benchmark", default="arithmetic")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    run = Path(args.run)
+    files = sorted(run.glob(f"**/eval_{args.benchmark}.json"))
+    models = {str(f.parent.relative_to(run)): {r["id"]: r for r in json.loads(f.read_text())["problems"]}
+              for f in files}
+    m1 = models.get("init")
+    out = {"command": "python benchmarks/past_the_answer.py " + " ".join(sys.argv[1:]), "models": {}}
+    for stage, rows in models.items():
+        row = {"n": len(rows), "right": sum(r["correct"] for r in rows.values()),
+               "went_past_the_answer": sum(went_past(r) for r in rows.values())}
+        if m1 is not None and stage != "init":
+            lost = [i for i in rows if m1[i]["correct"] and not rows[i]["correct"]]
+            row["lost_vs_m1"] = len(lost)
+            row["lost_vs_m1_went_past"] = sum(went_past(rows[i]) for i in lost)
+        out["models"][stage] = row
+        print(stage, row)
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
