@@ -96,3 +96,7 @@ def test_recompute_names_the_next_step_and_why_each_candidate_is_right_or_wrong(
     a, op, b, r = p.meta["chain"][0]
     text = task.recompute(p, [], {"A": f"Step 1: {a} {op} {b} = {r + 1}.", "B": "Step 1: Let us think."})
     assert text.split("\n")[1:] == [f"A: {a} {op} {b} = {r + 1}, wrong: {a} {op} {b} = {r}.", "B: no calculation."]
+    *before, _ = p.reference_steps  # the last step's right calculation without the answer
+    a, op, b, r = p.meta["chain"][-1]
+    short = task.recompute(p, before, {"A": f"Step {len(before) + 1}: {a} {op} {b} = {r}."}).split("\n")[1]
+    assert short == f"A: {a} {op} {b} = {r}, wrong: the last step gives the answer."

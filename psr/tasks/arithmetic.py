@@ -234,6 +234,8 @@ class ArithmeticTask(Task):
             return f"{claim}, wrong: not the next step."
         if k < len(chain) - 1:
             return f"{claim}, wrong: it answers too early."
+        if boxed is None:
+            return f"{claim}, wrong: the last step gives the answer."
         return f"{claim}, wrong: the answer is not {boxed}."
 
     def step_pairs(self, split: str, n: int, seed: int, rng: random.Random, kinds=CORRUPTIONS,
