@@ -316,9 +316,7 @@ class InflightSearch:
             from psr.judge_own import reduce_logprobs
 
             k, start, length = key
-            lp = out.prompt_logprobs
-            ps.values[k] = reduce_logprobs([d[t].logprob for t, d in zip(out.prompt_token_ids[start:start + length],
-                                                                         lp[start:start + length])],
+            ps.values[k] = reduce_logprobs(self.model.own_logprobs(out, start, length),
                                            self.judge.cfg.likelihood_reduction)
             if len(ps.values) == len(ps.cands):
                 self._judged(ps, self._likelihood_comparison(ps))

@@ -230,9 +230,16 @@ class VLLMEngine:
                                  use_tqdm=progress) if sent else []
         result: list[list[float] | None] = [None] * len(rows)
         for i, o in zip(sent, outs):
-            # prompt_logprobs[k] maps token ids to Logprob; with prompt_logprobs=0 it holds the row's own token
-            result[i] = [0.0] + [d[t].logprob for t, d in zip(rows[i][1:], o.prompt_logprobs[1:])]
+            result[i] = [0.0] + self.own_logprobs(o, 1, len(rows[i]) - 1)
         return result
+
+    @staticmethod
+    def own_logprobs(output, start: int, length: int) -> list[float]:
+        """The log-probabilities of a prompt's own tokens ``start:start+length`` from a request made with
+        ``prompt_logprob_params`` (prompt_logprobs[k] maps token ids to Logprob and, with prompt_logprobs=0,
+        holds the prompt's own token)."""
+        ids = output.prompt_token_ids[start:start + length]
+        return [d[t].logprob for t, d in zip(ids, output.prompt_logprobs[start:start + length])]
 
     def close(self) -> None:
         """Free the engine (its KV cache is most of its memory); later calls fail.
