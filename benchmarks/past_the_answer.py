@@ -1,6 +1,8 @@
 """How often a model reaches the right result in the last step without giving the answer, then computes on
 (built-in arithmetic task): from a run's saved evaluation outputs, per model, and among the problems each model
-lost against M1. The step check once passed such a last step (docs/results.md, "Step truth").
+lost against M1. The step check once passed such a last step (docs/results.md, "Step truth"). Beside it, per
+model, how many right answers came by right steps only (``steps_right``, as psr eval now records it; runs older
+than that field are re-checked here against the run's own benchmark problems) and the mean steps written.
 
     python benchmarks/past_the_answer.py runs/v4_s0 --out results/experiment_v4/oracle_s0/past_the_answer.json
 """
@@ -31,6 +33,27 @@ def went_past(row: dict) -> bool:
     return False
 
 
+def benchmark_problems(run: Path, name: str) -> tuple:
+    """The task of the run's benchmark ``name`` and its held-out problems by id (with the step truth the eval
+    rows lack)."""
+    from psr.config import load_config
+    from psr.rounds import RunConfig
+    from psr.tasks import make_task
+
+    cfg = load_config(RunConfig, run / "config.yaml")
+    b = next(b for b in cfg.benchmarks if b.name == name)
+    e = b.eval_config("", cfg.seed, "")
+    task = make_task(e.task)
+    return task, {p.id: p for p in task.problems(e.split, e.limit, seed=e.seed, offset=e.offset)}
+
+
+def checked_steps(task, problem, row: dict) -> bool | None:
+    from psr.evaluate import steps_right
+
+    assert problem.question == row["question"], f"problem {row['id']} is not the run's"
+    return steps_right(task, problem, row["output"], row["correct"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", nargs="?", default="runs/v4_s0", help="a run folder (its stages' eval_*.json)")
@@ -42,10 +65,14 @@ def main() -> None:
     models = {str(f.parent.relative_to(run)): {r["id"]: r for r in json.loads(f.read_text())["problems"]}
               for f in files}
     m1 = models.get("init")
+    task, problems = benchmark_problems(run, args.benchmark)
     out = {"command": "python benchmarks/past_the_answer.py " + " ".join(sys.argv[1:]), "models": {}}
     for stage, rows in models.items():
         row = {"n": len(rows), "right": sum(r["correct"] for r in rows.values()),
-               "went_past_the_answer": sum(went_past(r) for r in rows.values())}
+               "went_past_the_answer": sum(went_past(r) for r in rows.values()),
+               "steps_right": sum(bool(r.get("steps_right", checked_steps(task, problems[i], r)))
+                                  for i, r in rows.items()),
+               "mean_steps": round(sum(r["n_steps"] for r in rows.values()) / max(1, len(rows)), 2)}
         if m1 is not None and stage != "init":
             lost = [i for i in rows if m1[i]["correct"] and not rows[i]["correct"]]
             row["lost_vs_m1"] = len(lost)

@@ -60,9 +60,22 @@ class EvalConfig(ModelOptions):
             raise ValueError(f"split must be train or test for the arithmetic task, got {self.split!r}")
 
 
+def steps_right(task, problem, output: str, correct: bool) -> bool | None:
+    """Whether a right answer was reached by right steps: every step passes the task's step check (psr.tasks).
+    A right answer from a wrong step (say 48 + 2 = 48) is lucky, and a small model gets many; None when the
+    task cannot check any of the steps (a dataset without step truth)."""
+    steps = split_steps(cut_after_answer(output))
+    checks = [task.check_step(problem, steps[:k], s) for k, s in enumerate(steps)]
+    if all(c is None for c in checks):
+        return None
+    return bool(correct) and False not in checks
+
+
 def _eval_chunk(cfg: EvalConfig, model, tokenizer, problems, seed: int) -> list[dict]:
     """Every problem of one chunk solved and scored: greedy, then (``samples``) k sampled solutions."""
     from psr.lengths import fits
+
+    task = make_task(cfg.task)
 
     prompts = [render_prompt(tokenizer, p.question) for p in problems]
     # A problem whose prompt leaves less than max_new_tokens of the context is not solved: it counts wrong,
@@ -87,6 +100,7 @@ def _eval_chunk(cfg: EvalConfig, model, tokenizer, problems, seed: int) -> list[
                "correct": ok[i] and is_equivalent(p.gold, pred), "answered": pred is not None,
                "pred_flexible": flexible, "correct_flexible": ok[i] and is_equivalent(p.gold, flexible),
                "n_steps": len(split_steps(output)), **({} if ok[i] else {"too_long": True})}
+        row["steps_right"] = steps_right(task, p, output, row["correct"])
         if sampled is not None:
             preds = [final_answer(s) for s in sampled[i]]
             maj = majority_answer(preds)
@@ -184,6 +198,9 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
              "answered": sum(r["answered"] for r in group) / n,  # share with a final answer at all
              "flexible_accuracy": sum(r["correct_flexible"] for r in group) / n,
              "too_long": sum(bool(r.get("too_long")) for r in group)}  # counted wrong (psr.lengths)
+        checked = [r.get("steps_right") for r in group]
+        if any(c is not None for c in checked):  # the task checks steps: right answers by right steps only
+            s["steps_right"] = sum(bool(c) for c in checked) / n
         if sampled:
             s[f"maj@{cfg.samples}"] = sum(r["maj_correct"] for r in group) / max(1, len(group))
             s[f"pass@{cfg.samples}"] = sum(any(r["sample_correct"]) for r in group) / max(1, len(group))

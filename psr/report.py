@@ -262,6 +262,8 @@ def summary_rows(data: dict) -> list[list[str]]:
         cols += [(f"{b} {_SHORT.get(k, k)}", b, k) for k in extras]
         if any(((e.get("benchmarks") or {}).get(b) or {}).get("answered") is not None for e in evals):
             cols.append((f"answered ({b})", b, "answered"))
+        if any(((e.get("benchmarks") or {}).get(b) or {}).get("steps_right") is not None for e in evals):
+            cols.append((f"steps right ({b})", b, "steps_right"))  # right answers by right steps only
     header = ["model", "method", *[c[0] for c in cols], "judge acc", "order agree",
               "pairs", "chosen right", "rejected wrong", "ties", "own steps: kept right / random"]
     rows = [header]
@@ -418,7 +420,8 @@ def write_per_problem(run_dir: Path, data: dict) -> Path:
         for bench in _benchmarks(data):
             for r in (_load(run_dir / sub / f"eval_{bench}.json") or {}).get("problems") or []:
                 rows.append({"model": label, "stage": sub, "benchmark": bench, "id": r["id"],
-                             "correct": bool(r["correct"]), "answered": r.get("answered")})
+                             "correct": bool(r["correct"]), "answered": r.get("answered"),
+                             **({} if r.get("steps_right") is None else {"steps_right": r["steps_right"]})})
     return write_jsonl_atomic(run_dir / "per_problem.jsonl", rows)
 
 
@@ -429,7 +432,8 @@ def write_report(run_dir: str | Path) -> Path:
     write_per_problem(run_dir, data)
     lines = [f"# Run report: {run_dir.name}", "",
              "Accuracy is greedy pass@1 on held-out problems, graded by the first final answer a solution gives "
-             "(none is wrong; \"answered\" is the share that gives one); the judge is scored on held-out "
+             "(none is wrong; \"answered\" is the share that gives one; \"steps right\", where the task checks "
+             "steps, counts only right answers whose every step is right); the judge is scored on held-out "
              "right-vs-corrupted step pairs (both orders); pairs' correctness uses the task's step truth, "
              "which never feeds PSR's or SRLM's pairs (the ORACLE arm, when run, is judged by it: what a "
              "perfect judge would give).", "",

@@ -78,3 +78,23 @@ def test_evaluation_stops_at_the_answer_line_and_grades_the_same_text(tiny):
     on, off = evaluate(EvalConfig(**cfg), model, tok, progress=False), evaluate(EvalConfig(**cfg, stop_at_answer=False),
                                                                                 model, tok, progress=False)
     assert [p["pred"] for p in on["problems"]] == [p["pred"] for p in off["problems"]]
+
+
+def test_steps_right_counts_only_right_answers_reached_by_right_steps():
+    """The scripted solutions a small model writes: a right chain, a right answer from a wrong step (lucky),
+    a wrong answer, and a dataset without step truth (None, so no column is reported)."""
+    from psr.evaluate import steps_right
+    from psr.tasks.arithmetic import ArithmeticTask
+    from psr.tasks.base import Problem, Task
+
+    task = ArithmeticTask()
+    p = Problem(id="a", question="Ava has 8 apples. ...", gold="48", reference_steps=[],
+                meta={"chain": [[8, "*", 3, 24], [24, "*", 2, 48]]})
+    right = "Step 1: Multiplying by 3: 8 * 3 = 24.\nStep 2: Multiplying by 2: 24 * 2 = 48. The answer is \\boxed{48}.\n"
+    lucky = ("Step 1: Multiplying by 3: 8 * 3 = 24.\nStep 2: Multiplying by 2: 24 * 2 = 48.\n"
+             "Step 3: Adding 2: 48 + 2 = 48. The answer is \\boxed{48}.\n")
+    # what follows the answer line is not part of the solution (it is cut before grading)
+    assert steps_right(task, p, right + "Step 3: Adding 1: 48 + 1 = 50.\n", True) is True
+    assert steps_right(task, p, lucky, True) is False
+    assert steps_right(task, p, right.replace("48", "47"), False) is False
+    assert steps_right(Task(), p, right, True) is None

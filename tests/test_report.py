@@ -110,3 +110,22 @@ def test_report_shows_sampled_measures_answered_share_and_bounded_plots(tmp_path
     assert ax.get_ylim() == (0.0, 1.0)
     assert [t.get_text() for t in ax.get_xticklabels()] == ["M0", "M1", "M2"]
     assert ax.containers                                    # errorbar containers: the Wilson intervals
+
+
+def test_report_shows_steps_right_where_the_task_checks_steps(tmp_path):
+    _eval(tmp_path / "m0", [False] * 4)
+    _eval(tmp_path / "init", [True] * 2 + [False] * 2)
+    d = tmp_path / "oracle" / "round_1"
+    _eval(d, [True] * 3 + [False])
+    (d / "eval.json").write_text(json.dumps({"benchmarks": {"arith": {"accuracy": 0.75, "steps_right": 0.25}}}))
+    rows = json.loads((d / "eval_arith.json").read_text())["problems"]
+    for r, s in zip(rows, [True, False, False, False]):
+        r["steps_right"] = s
+    (d / "eval_arith.json").write_text(json.dumps({"problems": rows}))
+    report = write_report(tmp_path).read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| model |"))
+    assert "steps right (arith)" in header
+    m2 = next(line for line in report.splitlines() if line.startswith("| M2 | ORACLE round 1 |")).split(" | ")
+    assert m2[header.split(" | ").index("steps right (arith)")] == "0.250"
+    per_problem = [json.loads(line) for line in (tmp_path / "per_problem.jsonl").read_text().splitlines()]
+    assert [r.get("steps_right") for r in per_problem if r["model"] == "M2 ORACLE"] == [True, False, False, False]
