@@ -416,6 +416,19 @@ def _kinds_reading(key: str, cfgs: list[RunConfig]) -> set[str] | None:
     return None  # model, seed, rounds, methods: the whole plan
 
 
+def _stage_reads(key: str, stage: Stage, kinds: set[str] | None) -> bool:
+    """Whether ``stage`` depends on config ``key``: its kind reads it, except the search settings an arm never
+    reads (the oracle's search is judged by the task, not search.judge; only SRLM samples with search.srlm)."""
+    if kinds is not None and stage.kind not in kinds:
+        return False
+    method = stage.id.split("/")[0]
+    if stage.kind == "search" and key.startswith("search.judge.") and method == "oracle":
+        return False
+    if stage.kind == "search" and key.startswith("search.srlm.") and method != "srlm":
+        return False
+    return True
+
+
 def check_config_change(old: dict, cfg: RunConfig, stages: list[Stage], restart_from: str | None) -> list[str]:
     """Compare the stored config of a run with the new one; returns the changed keys it accepts.
 
@@ -438,7 +451,7 @@ def check_config_change(old: dict, cfg: RunConfig, stages: list[Stage], restart_
     refused = []
     for key in changed:
         kinds = _kinds_reading(key, [c for c in (old_cfg, cfg) if c is not None])
-        first = next((i for i, s in enumerate(stages) if kinds is None or s.kind in kinds), len(stages))
+        first = next((i for i, s in enumerate(stages) if _stage_reads(key, s, kinds)), len(stages))
         done = next((s.id for s in stages[first:stop] if s.done()), None)
         if done:
             refused.append((key, done))

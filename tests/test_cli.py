@@ -188,6 +188,21 @@ def test_config_change_rule_with_and_without_restart(tmp_path):
     tts = dataclasses.asdict(load_config(RunConfig, TINY))
     with pytest.raises(ConfigError, match="search.width is used by finished stage m0/eval"):
         check_config_change(tts, load_config(RunConfig, TINY, {"search.width": 4}), stages, "psr/round_1/search")
+    # the oracle's search is judged by the task: a finished oracle arm does not hold the PSR arm's judge, and
+    # only SRLM's stages read search.srlm (the judge_eval_limit: 0 run keeps the eval stages out of it)
+    arms = {**base, "methods": ["oracle", "psr", "srlm"], "judge_eval_limit": 0}
+    old_arms = load_config(RunConfig, TINY, arms)
+    stages = plan(old_arms, tmp_path / "arms")
+    _done(stages, "m0/eval", "init/init", "init/eval", "oracle/round_1/search", "oracle/round_1/train",
+          "psr/round_1/search")
+    judge = {**arms, "search.judge.tie_margin": 0.3}
+    assert check_config_change(dataclasses.asdict(old_arms), load_config(RunConfig, TINY, judge), stages,
+                               "psr/round_1/search") == ["search.judge.tie_margin"]
+    with pytest.raises(ConfigError, match="search.judge.tie_margin is used by finished stage psr/round_1/search"):
+        check_config_change(dataclasses.asdict(old_arms), load_config(RunConfig, TINY, judge), stages, None)
+    srlm = {**arms, "search.srlm.samples": 2}
+    assert check_config_change(dataclasses.asdict(old_arms), load_config(RunConfig, TINY, srlm), stages,
+                               None) == ["search.srlm.samples"]
     # a stored config from before a new field existed compares equal once today's defaults fill it in
     del stored["train"]["trl"], stored["benchmarks"][0]["sampling"]
     assert check_config_change(stored, old, stages, None) == []
