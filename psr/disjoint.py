@@ -85,6 +85,23 @@ def _overlap(a_name: str, a: set[str], b_name: str, b: set[str], hint: str) -> N
         raise DataError(f"{a_name} and {b_name} share {len(shared)} problem(s) (e.g. {example[:70]!r}); {hint}")
 
 
+def free_offset(cfg, trained: set[str], scan: int = 5000) -> int | None:
+    """The first ``search.offset`` from which all the rounds' problems are outside ``trained`` (None: not within
+    ``scan`` problems of the current start, or the data end first). An M1 from another run or seed trained on
+    problems scattered through this run's stream, so the place right after init's is not always free."""
+    from psr.search import search_problems
+
+    start, need = round_offset(cfg, 1), cfg.rounds * cfg.problems_per_round
+    scfg = dataclasses.replace(cfg.search, task=cfg.task, split="train", limit=start + scan + need, offset=0,
+                               data_seed=cfg.seed)
+    keys = [_key(p.question) for p in search_problems(scfg)]
+    bad = [i for i, k in enumerate(keys) if k in trained]
+    for o in range(start, len(keys) - need + 1):
+        if not any(o <= i < o + need for i in bad):
+            return o
+    return None
+
+
 def check_disjoint(cfg) -> None:
     """Refuse a run whose rounds search problems that trained M1, whose rounds overlap each other, or whose
     benchmarks hold out problems the run trains on; the message names both sets and how to move one."""
@@ -96,6 +113,10 @@ def check_disjoint(cfg) -> None:
             _key(p.question) for p in problems}
     training = training_sets(cfg)
     move = "set search.offset past them (or give the rounds other data)"
+    if any(r_set & t_set for r_set in rounds.values() for t_set in training.values()):
+        free = free_offset(cfg, set().union(*training.values()))
+        if free is not None:
+            move = f"set search.offset: {free} (the first place where every round's problems are new to M1)"
     for r_name, r_set in rounds.items():
         for t_name, t_set in training.items():
             _overlap(r_name, r_set, t_name, t_set, move)

@@ -43,7 +43,7 @@ def test_the_tiny_run_is_disjoint_and_its_rounds_search_after_init():
 def test_a_round_that_would_search_init_problems_is_refused_naming_both():
     cfg = load_config(RunConfig, TINY, {"search": {"offset": 0}})
     with pytest.raises(DataError, match=r"round 1's search \(problems 0-5\) and init's IFT problems \(the task's "
-                                        r"first 8\) share 6 problem\(s\).*set search.offset past them"):
+                                        r"first 8\) share 6 problem\(s\).*set search.offset: 8 \(the first place"):
         check_disjoint(cfg)
 
 
@@ -65,7 +65,8 @@ def test_a_file_run_whose_rounds_overlap_its_ift_file_is_refused(tmp_path):
     overrides = {"task": {"name": "gsm8k", "data": str(data)}, "problems_per_round": 5, "benchmarks": [],
                  "judge_eval_limit": 0, "init": {"ift_data": str(tmp_path / "ift.jsonl"), "eft_examples": 0},
                  "search": {"offset": 0}}
-    with pytest.raises(DataError, match=r"round 1's search \(problems 0-4\) and init.ift_data .* share 5"):
+    with pytest.raises(DataError, match=r"round 1's search \(problems 0-4\) and init.ift_data .* share 5.*"
+                                        r"set search.offset: 10 "):
         check_disjoint(load_config(RunConfig, TINY, overrides))
     overrides["search"]["offset"] = stats["next_offset"]  # what build-ift says: start after the rows it read
     check_disjoint(load_config(RunConfig, TINY, overrides))
