@@ -286,7 +286,8 @@ def summary_rows(data: dict) -> list[list[str]]:
             return "—"
         return f"{j['kept_right_when_mixed']:.2f} / {j['random_right_when_mixed']:.2f} (n={j['mixed_steps']})"
 
-    rows.append(row("M0", "base", data["m0"]))
+    if data["m0"]:  # a run given its M1 may skip M0 (eval_m0: false)
+        rows.append(row("M0", "base", data["m0"]))
     rows.append(row("M1", "given (m1)" if data.get("m1_given") else "init (SFT)", data["m1"]))
     for method, chain in data["methods"].items():
         for c in chain:
@@ -307,7 +308,8 @@ def table1_rows(data: dict) -> list[list[str]]:
         cells = ["—" if a is None else f"{100 * a:.1f}" for a in acc]
         return [label, *cells, "—" if avg is None else f"{100 * avg:.1f}"]
 
-    rows.append(row("M0", data["m0"]))
+    if data["m0"]:
+        rows.append(row("M0", data["m0"]))
     rows.append(row("M1", data["m1"]))
     for method, chain in data["methods"].items():
         rows += [row(f"M{c['round'] + 1} {method.upper()}", c["eval"]) for c in chain]

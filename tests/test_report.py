@@ -164,3 +164,11 @@ def test_experiment_summary_reads_the_goal_over_both_seeds(tmp_path, capsys):
     assert json.loads(out.read_text())["goal"]["s1b"] == {"psr_last_above_m1_significant": True,
                                                           "psr_last_at_or_above_srlm": False}
     assert "not reached" in capsys.readouterr().out
+
+
+def test_a_run_given_its_m1_without_m0_has_no_m0_row(tmp_path):
+    _eval(tmp_path / "init", [True] * 2 + [False] * 2)
+    _eval(tmp_path / "psr" / "round_1", [True] * 3 + [False])
+    report = write_report(tmp_path).read_text()
+    assert "| M1 |" in report and "| M2 | PSR round 1 |" in report
+    assert not [line for line in report.splitlines() if line.startswith("| M0 |")]
