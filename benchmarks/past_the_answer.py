@@ -4,7 +4,7 @@ lost against M1. The step check once passed such a last step (docs/results.md, "
 model, how many right answers came by right steps only (``steps_right``, as psr eval now records it; runs older
 than that field are re-checked here against the run's own benchmark problems) and the mean steps written.
 
-    python benchmarks/past_the_answer.py runs/v4_s0 --out results/experiment_v4/oracle_s0/past_the_answer.json
+    python benchmarks/past_the_answer.py runs/v4_s0_lastans --out results/experiment_v4/s0/past_the_answer.json
 """
 
 from __future__ import annotations
