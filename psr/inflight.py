@@ -49,7 +49,7 @@ def request_seed(run_seed: int, problem_id: str, step: int, attempt: int, candid
 
 
 def take_step(s: dict, cands: list[str], right: list, comp: Comparison, max_rollbacks: int, max_steps: int,
-              oracle: bool) -> bool:
+              oracle: bool, keep_unanimous: bool = False) -> bool:
     """Apply one judged step to problem state ``s`` (``path``, ``events``, ``rollbacks``, ``status``): record its
     event, then keep the best candidate, roll back on a tie, or stop. True while the problem goes on."""
     event = {
@@ -64,6 +64,9 @@ def take_step(s: dict, cands: list[str], right: list, comp: Comparison, max_roll
         # Oracle, every candidate right: any will do. Keep the first, learn nothing (no worst,
         # no pair); the tie rule below is for a judge that cannot tell right from wrong.
         best, worst = 0, None
+    elif keep_unanimous and len({c.strip() for c in cands}) == 1:
+        best, worst = 0, None  # one step written every time: nothing to judge, and no reason to resample before it
+        event["unanimous"] = True
     elif max(comp.scores) == min(comp.scores):  # the judge cannot separate them: roll back
         event["tie"] = True
         s["rollbacks"] += 1
@@ -208,7 +211,7 @@ class InflightSearch:
 
     def _judged(self, ps: ProblemSearch, comp: Comparison) -> None:
         goes_on = take_step(ps.state, list(ps.cands), ps.right, comp, self.cfg.max_rollbacks, self.cfg.max_steps,
-                            oracle=self.judge is None)
+                            oracle=self.judge is None, keep_unanimous=self.cfg.keep_unanimous)
         if goes_on:
             self._want_candidates(ps)
         else:

@@ -67,6 +67,10 @@ class SearchConfig(ModelOptions):
     width: int = 6  # candidates per step (paper: 6)
     max_steps: int = 20  # paper: 20
     max_rollbacks: int = 3  # tie rule: how often a problem may roll back before it is given up
+    # candidates that are all the same text: keep it and go on without a pair (true), or roll back as the paper's
+    # tie rule does (false). Beyond the paper: a confident small model writes one step four times, and rolling back
+    # resamples the step before it; a 135M search gave up on 13 of 48 problems so (results/experiment_v4/README.md)
+    keep_unanimous: bool = False
     max_step_tokens: int = 96  # new tokens per candidate step
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(policy="edt"))
     judge: JudgeConfig = field(default_factory=JudgeConfig)
@@ -141,7 +145,8 @@ def search_chunk(problems, task, propose, judge, cfg: SearchConfig) -> list[dict
         else:
             comparisons = judge.compare([(s["problem"].question, s["path"], c) for s, c in zip(active, candidates)])
         active = [s for s, cands, right, comp in zip(active, candidates, correct, comparisons)
-                  if take_step(s, cands, right, comp, cfg.max_rollbacks, cfg.max_steps, oracle=judge is None)]
+                  if take_step(s, cands, right, comp, cfg.max_rollbacks, cfg.max_steps, oracle=judge is None,
+                            keep_unanimous=cfg.keep_unanimous)]
     return [make_trace(s, task, "psr") for s in states]
 
 

@@ -42,6 +42,25 @@ def test_inflight_traces_equal_lockstep(setup, mode):
     assert search_inflight(problems, task, model, tok, judge, cfg2, unit_size=1) == lockstep
 
 
+def test_inflight_keeps_unanimous_steps_as_lockstep_does(setup):
+    """Near-greedy candidates (top_p keeps one token) are all one text: with keep_unanimous both drivers keep it and
+    go on, no rollback."""
+    from psr.judge import JudgeConfig
+    from psr.sampling import SamplingConfig
+    from psr.self_judges import make_judge
+
+    model, tok, task, problems = setup
+    cfg = SearchConfig(model="tiny-random", width=3, max_steps=3, max_step_tokens=10, batch_size=6, max_rollbacks=1,
+                       sampling=SamplingConfig(policy="fixed", temperature=1e-4, top_p=1e-6), keep_unanimous=True,
+                       judge=JudgeConfig(mode="likelihood", tie_margin=0.0))
+    judge = make_judge(model, tok, cfg.judge)
+    lockstep = search_chunk(problems, task, model_proposer(model, tok, cfg), judge, cfg)
+    assert search_inflight(problems, task, model, tok, judge, cfg, unit_size=2) == lockstep
+    events = [e for t in lockstep for e in t["events"]]
+    assert events and all(e.get("unanimous") and not e["tie"] for e in events)
+    assert all(t["rollbacks"] == 0 for t in lockstep)
+
+
 def test_run_search_inflight_equals_lockstep_driver(tmp_path, tiny):
     from psr.files import read_jsonl
     from psr.search import run_search

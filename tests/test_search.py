@@ -117,6 +117,27 @@ def test_rollbacks_are_bounded_and_max_steps_stops(problem):
     assert len(build_pairs([endless], _FakeTok())) == 5
 
 
+def test_keep_unanimous_keeps_a_step_written_every_time_and_goes_on(problem):
+    """The real model's case: the same right step four times (v4's PSR round 1 gave up on 13 of 48 problems so).
+    The paper's rule rolls back and gives up; keep_unanimous keeps it without a pair and judges the next step."""
+    task = ArithmeticTask()
+    base = _reference_script(problem)
+
+    def script(question, path):
+        return [problem.reference_steps[0]] * 4 if not path else base(question, path)
+
+    judge = ScriptedJudge(_rank_right(problem))
+    paper = search_chunk([problem], task, scripted_proposer(script), judge, SearchConfig(width=4, max_rollbacks=2))[0]
+    assert paper["status"] == "gave_up" and paper["path"] == [] and build_pairs([paper], _FakeTok()) == []
+    kept = search_chunk([problem], task, scripted_proposer(script), judge,
+                        SearchConfig(width=4, keep_unanimous=True))[0]
+    assert kept["status"] == "answered" and kept["path"] == problem.reference_steps and kept["rollbacks"] == 0
+    assert kept["events"][0]["unanimous"] and kept["events"][0]["worst"] is None
+    pairs = build_pairs([kept], _FakeTok())
+    assert [p["step_index"] for p in pairs] == list(range(1, len(problem.reference_steps)))
+    assert pair_stats([kept], pairs)["kept_steps_without_pair"] == 1
+
+
 def test_truth_judge_keeps_right_steps_and_rolls_back_where_none_is_right(problem):
     """The oracle arm: the task's step check judges; a step with no right candidate is a tie, a step
     whose candidates are all right is kept without a pair (not rolled back)."""
