@@ -131,8 +131,21 @@ def pair_stats(traces: list[dict], pairs: list[dict]) -> dict:
             "rejected_wrong": round(sum(not p["rejected_correct"] for p in known) / len(known), 4),
             "chosen_right_and_rejected_wrong": round(
                 sum(p["chosen_correct"] and not p["rejected_correct"] for p in known) / len(known), 4),
+            "mix": truth_mix(known),
         }
     return stats
+
+
+def truth_mix(pairs: list[dict]) -> dict:
+    """Pairs by the task's truth of both sides: right over wrong is what a perfect judge makes; wrong over wrong
+    (a step where no candidate is right, which no judge without the truth can see) and wrong over right teach
+    the model a wrong step."""
+    known = [p for p in pairs if p.get("chosen_correct") is not None and p.get("rejected_correct") is not None]
+    word = {True: "right", False: "wrong"}
+    mix = {f"{a}_over_{b}": 0 for a in ("right", "wrong") for b in ("wrong", "right")}
+    for p in known:
+        mix[f"{word[bool(p['chosen_correct'])]}_over_{word[bool(p['rejected_correct'])]}"] += 1
+    return mix
 
 
 def ending_pairs(pairs: list[dict]) -> dict | None:

@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from psr.files import DataError, read_json, read_jsonl, write_jsonl_atomic, write_text_atomic  # noqa: E402
-from psr.pairs import ending_pairs, judge_in_search  # noqa: E402
+from psr.pairs import ending_pairs, judge_in_search, truth_mix  # noqa: E402
 from psr.steps import has_final_answer  # noqa: E402
 
 
@@ -108,6 +108,8 @@ def collect(run_dir: str | Path) -> dict:
                 pairs["judge_in_search"] = judge_in_search(read_jsonl(d / "search.jsonl"))
             if pairs is not None and "endings" not in pairs and (d / "pairs.jsonl").exists():
                 pairs["endings"] = ending_pairs(read_jsonl(d / "pairs.jsonl"))
+            if pairs and pairs.get("truth") and "mix" not in pairs["truth"] and (d / "pairs.jsonl").exists():
+                pairs["truth"]["mix"] = truth_mix(read_jsonl(d / "pairs.jsonl"))
             chain.append({"round": int(d.name.split("_")[1]), "eval": _load_eval(d),
                           "pairs": pairs, "train_log": train_log})
         methods[method] = chain
@@ -461,6 +463,11 @@ def write_report(run_dir: str | Path) -> Path:
                                  f"{ends['step_pairs']} pairs the chosen step goes on while the rejected one "
                                  f"gives the answer; the reverse in "
                                  f"{ends['chosen_answers_rejected_goes_on']}")
+                mix = (p.get("truth") or {}).get("mix")
+                if mix and method != "oracle":
+                    lines.append(f"  - pairs by the task's truth: right over wrong {mix['right_over_wrong']}, wrong "
+                                 f"over wrong {mix['wrong_over_wrong']}, wrong over right {mix['wrong_over_right']}, "
+                                 f"right over right {mix['right_over_right']}")
                 j = p.get("judge_in_search")
                 if j and j["mixed_steps"]:
                     who = "the task's step check (oracle)" if method == "oracle" else "judge on its own candidates"

@@ -8,7 +8,7 @@ import pytest
 
 from psr.config import ConfigError
 from psr.judge import Comparison, JudgeConfig, StepJudge, judge_reply, parse_verdict, truth_comparison
-from psr.pairs import PairsConfig, build_pairs, pair_stats
+from psr.pairs import PairsConfig, build_pairs, pair_stats, truth_mix
 from psr.search import SearchConfig, run_search, search_chunk
 from psr.tasks import ArithmeticTask, TaskConfig
 from psr.tasks.arithmetic import CORRUPTIONS
@@ -76,6 +76,12 @@ def test_search_picks_argmax_and_argmin_and_stops_at_answer(problem):
     assert len(pairs) == len(problem.reference_steps)
     assert all(p["chosen_correct"] and not p["rejected_correct"] and p["margin"] == 2 for p in pairs)
     assert pair_stats([trace], pairs)["truth"]["chosen_right_and_rejected_wrong"] == 1.0
+    n = len(pairs)
+    assert pair_stats([trace], pairs)["truth"]["mix"] == {"right_over_wrong": n, "right_over_right": 0,
+                                                          "wrong_over_wrong": 0, "wrong_over_right": 0}
+    flipped = [{**p, "chosen_correct": p["rejected_correct"], "rejected_correct": p["chosen_correct"]} for p in pairs]
+    assert truth_mix(flipped + [{**pairs[0], "chosen_correct": False}]) == {
+        "right_over_wrong": 0, "right_over_right": 0, "wrong_over_wrong": 1, "wrong_over_right": n}
 
 
 def test_tie_rolls_back_one_step_and_drops_its_pair(problem):
