@@ -33,20 +33,6 @@ def went_past(row: dict) -> bool:
     return False
 
 
-def benchmark_problems(run: Path, name: str) -> tuple:
-    """The task of the run's benchmark ``name`` and its held-out problems by id (with the step truth the eval
-    rows lack)."""
-    from psr.config import load_config
-    from psr.rounds import RunConfig
-    from psr.tasks import make_task
-
-    cfg = load_config(RunConfig, run / "config.yaml")
-    b = next(b for b in cfg.benchmarks if b.name == name)
-    e = b.eval_config("", cfg.seed, "")
-    task = make_task(e.task)
-    return task, {p.id: p for p in task.problems(e.split, e.limit, seed=e.seed, offset=e.offset)}
-
-
 def checked_steps(task, problem, row: dict) -> bool | None:
     from psr.evaluate import steps_right
 
@@ -65,6 +51,8 @@ def main() -> None:
     models = {str(f.parent.relative_to(run)): {r["id"]: r for r in json.loads(f.read_text())["problems"]}
               for f in files}
     m1 = models.get("init")
+    from psr.report import benchmark_problems
+
     task, problems = benchmark_problems(run, args.benchmark)
     out = {"command": "python benchmarks/past_the_answer.py " + " ".join(sys.argv[1:]), "models": {}}
     for stage, rows in models.items():

@@ -38,18 +38,48 @@ def _load(path: Path) -> dict | None:
         raise DataError(f"{err}; run psr iterate on the run again to redo its stage") from err
 
 
-def _load_eval(d: Path) -> dict | None:
+def benchmark_problems(run_dir: Path, name: str) -> tuple | None:
+    """The task of a run's benchmark ``name`` and its held-out problems by id, from the run's config.yaml (the step
+    truth an eval row does not carry); None when the run has no such config or benchmark."""
+    from psr.config import load_config
+    from psr.rounds import RunConfig
+    from psr.tasks import make_task
+
+    if not (run_dir / "config.yaml").exists():
+        return None
+    cfg = load_config(RunConfig, run_dir / "config.yaml")
+    b = next((b for b in cfg.benchmarks if b.name == name), None)
+    if b is None:
+        return None
+    e = b.eval_config("", cfg.seed, "")
+    task = make_task(e.task)
+    return task, {p.id: p for p in task.problems(e.split, e.limit, seed=e.seed, offset=e.offset)}
+
+
+def _load_eval(d: Path, truth=None) -> dict | None:
     """A model's eval.json, each benchmark with the share of its solutions that give a final answer
     (``answered``, as the evaluation recorded it; runs older than that field count it from
-    eval_<name>.json's outputs): a model that stops answering shows here first."""
+    eval_<name>.json's outputs): a model that stops answering shows here first. Older runs get ``steps_right``
+    the same way, checked against ``truth(name)`` (``benchmark_problems``) where the task checks steps."""
+    from psr.evaluate import steps_right
+
     e = _load(d / "eval.json")
     for name, b in ((e or {}).get("benchmarks") or {}).items():
-        if b.get("answered") is not None:
+        if b.get("answered") is not None and ("steps_right" in b or truth is None):
             continue
         rows = (_load(d / f"eval_{name}.json") or {}).get("problems")
-        if rows:
+        if not rows:
+            continue
+        if b.get("answered") is None:
             b["answered"] = sum(has_final_answer(r["output"]) for r in rows) / len(rows)
             b.setdefault("n", len(rows))
+        known = truth(name) if truth is not None and "steps_right" not in b else None
+        if known is not None:
+            task, problems = known
+            checked = [steps_right(task, problems[r["id"]], r["output"], r["correct"]) if r["id"] in problems
+                       and problems[r["id"]].question == r["question"] else None for r in rows]
+            if any(c is not None for c in checked):
+                b["steps_right"] = sum(bool(c) for c in checked) / len(rows)
     return e
 
 
@@ -92,7 +122,14 @@ _SHORT = {"test_time_search_accuracy": "test-time search"}
 def collect(run_dir: str | Path) -> dict:
     """Per method, the chain of models M0, M1, M2, ... with their eval, pairs and training logs."""
     run_dir = Path(run_dir)
-    m0, m1 = _load_eval(run_dir / "m0"), _load_eval(run_dir / "init")
+    known = {}
+
+    def truth(name):  # each benchmark's problems, built once, only for evals older than steps_right
+        if name not in known:
+            known[name] = benchmark_problems(run_dir, name)
+        return known[name]
+
+    m0, m1 = _load_eval(run_dir / "m0", truth), _load_eval(run_dir / "init", truth)
     methods = {}
     for method in ("psr", "srlm", "oracle"):
         rounds = sorted((run_dir / method).glob("round_*"), key=lambda p: int(p.name.split("_")[1]))
@@ -110,7 +147,7 @@ def collect(run_dir: str | Path) -> dict:
                 pairs["endings"] = ending_pairs(read_jsonl(d / "pairs.jsonl"))
             if pairs and pairs.get("truth") and "mix" not in pairs["truth"] and (d / "pairs.jsonl").exists():
                 pairs["truth"]["mix"] = truth_mix(read_jsonl(d / "pairs.jsonl"))
-            chain.append({"round": int(d.name.split("_")[1]), "eval": _load_eval(d),
+            chain.append({"round": int(d.name.split("_")[1]), "eval": _load_eval(d, truth),
                           "pairs": pairs, "train_log": train_log})
         methods[method] = chain
     given = (_load(run_dir / "init" / "init.done") or {}).get("given")

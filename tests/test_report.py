@@ -172,3 +172,33 @@ def test_a_run_given_its_m1_without_m0_has_no_m0_row(tmp_path):
     report = write_report(tmp_path).read_text()
     assert "| M1 |" in report and "| M2 | PSR round 1 |" in report
     assert not [line for line in report.splitlines() if line.startswith("| M0 |")]
+
+
+def test_report_checks_the_steps_of_an_eval_older_than_steps_right(tmp_path):
+    """An eval made before steps_right existed is re-checked against the run's own benchmark problems (its
+    config.yaml): the reference solution counts, a lucky answer from a wrong step does not."""
+    import shutil
+
+    from psr.config import load_config
+    from psr.rounds import RunConfig
+
+    shutil.copy(Path(__file__).parents[1] / "recipes" / "tiny" / "iterate" / "config_tiny.yaml",
+                tmp_path / "config.yaml")
+    cfg = load_config(RunConfig, tmp_path / "config.yaml")
+    b = cfg.benchmarks[0]
+    e = b.eval_config("", cfg.seed, "")
+    from psr.tasks import make_task
+
+    problems = make_task(e.task).problems(e.split, e.limit, seed=e.seed, offset=e.offset)[:2]
+    right = "\n".join(problems[0].reference_steps)
+    lucky = "Step 1: Adding 1: 1 + 1 = 3. The answer is \\boxed{" + problems[1].gold + "}."
+    d = tmp_path / "init"
+    d.mkdir()
+    rows = [{"id": p.id, "question": p.question, "output": o, "correct": True}
+            for p, o in zip(problems, [right, lucky])]
+    (d / "eval.json").write_text(json.dumps({"benchmarks": {b.name: {"accuracy": 1.0, "answered": 1.0}}}))
+    (d / f"eval_{b.name}.json").write_text(json.dumps({"problems": rows}))
+    report = write_report(tmp_path).read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| model |")).split(" | ")
+    m1 = next(line for line in report.splitlines() if line.startswith("| M1 |")).split(" | ")
+    assert m1[header.index(f"steps right ({b.name})")] == "0.500"
