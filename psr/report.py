@@ -41,19 +41,22 @@ def _load(path: Path) -> dict | None:
 def benchmark_problems(run_dir: Path, name: str) -> tuple | None:
     """The task of a run's benchmark ``name`` and its held-out problems by id, from the run's config.yaml (the step
     truth an eval row does not carry); None when the run has no such config or benchmark."""
-    from psr.config import load_config
+    from psr.config import ConfigError, load_config
     from psr.rounds import RunConfig
     from psr.tasks import make_task
 
     if not (run_dir / "config.yaml").exists():
         return None
-    cfg = load_config(RunConfig, run_dir / "config.yaml")
-    b = next((b for b in cfg.benchmarks if b.name == name), None)
-    if b is None:
+    try:  # a report never fails for want of it: a moved data file or an old config just leaves the column out
+        cfg = load_config(RunConfig, run_dir / "config.yaml")
+        b = next((b for b in cfg.benchmarks if b.name == name), None)
+        if b is None:
+            return None
+        e = b.eval_config("", cfg.seed, "")
+        task = make_task(e.task)
+        return task, {p.id: p for p in task.problems(e.split, e.limit, seed=e.seed, offset=e.offset)}
+    except (ConfigError, DataError, OSError, ValueError):
         return None
-    e = b.eval_config("", cfg.seed, "")
-    task = make_task(e.task)
-    return task, {p.id: p for p in task.problems(e.split, e.limit, seed=e.seed, offset=e.offset)}
 
 
 def _load_eval(d: Path, truth=None) -> dict | None:

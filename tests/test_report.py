@@ -202,3 +202,6 @@ def test_report_checks_the_steps_of_an_eval_older_than_steps_right(tmp_path):
     header = next(line for line in report.splitlines() if line.startswith("| model |")).split(" | ")
     m1 = next(line for line in report.splitlines() if line.startswith("| M1 |")).split(" | ")
     assert m1[header.index(f"steps right ({b.name})")] == "0.500"
+    # a config that no longer loads (a moved data file, a renamed field) leaves the column out, not the report
+    (tmp_path / "config.yaml").write_text("benchmarks: [{name: arithmetic, task: {name: gsm8k, data: gone.jsonl}}]\n")
+    assert "steps right (arithmetic)" not in write_report(tmp_path).read_text()
