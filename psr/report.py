@@ -39,23 +39,24 @@ def _load(path: Path) -> dict | None:
 
 
 def benchmark_problems(run_dir: Path, name: str) -> tuple | None:
-    """The task of a run's benchmark ``name`` and its held-out problems by id, from the run's config.yaml (the step
-    truth an eval row does not carry); None when the run has no such config or benchmark."""
-    from psr.config import ConfigError, load_config
-    from psr.rounds import RunConfig
-    from psr.tasks import make_task
+    """The task of a run's benchmark ``name`` and its held-out problems by id, read from the run's config.yaml
+    (the full config psr iterate stored; read as data, since psr.rounds imports this module): the step truth an
+    eval row does not carry. None when the run has no such config or benchmark."""
+    from psr.config import ConfigError, from_dict, load_yaml
+    from psr.tasks import TaskConfig, make_task
 
     if not (run_dir / "config.yaml").exists():
         return None
     try:  # a report never fails for want of it: a moved data file or an old config just leaves the column out
-        cfg = load_config(RunConfig, run_dir / "config.yaml")
-        b = next((b for b in cfg.benchmarks if b.name == name), None)
+        cfg = load_yaml(run_dir / "config.yaml")
+        b = next((b for b in cfg.get("benchmarks") or [] if isinstance(b, dict) and b.get("name") == name), None)
         if b is None:
             return None
-        e = b.eval_config("", cfg.seed, "")
-        task = make_task(e.task)
-        return task, {p.id: p for p in task.problems(e.split, e.limit, seed=e.seed, offset=e.offset)}
-    except (ConfigError, DataError, OSError, ValueError):
+        task = make_task(from_dict(TaskConfig, b.get("task")))
+        seed = cfg.get("seed", 0) if b.get("seed") is None else b["seed"]
+        problems = task.problems(b.get("split", "test"), b.get("limit"), seed=seed, offset=b.get("offset") or 0)
+        return task, {p.id: p for p in problems}
+    except (ConfigError, DataError, OSError, ValueError, TypeError, AttributeError):
         return None
 
 
