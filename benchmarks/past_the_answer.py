@@ -15,6 +15,9 @@ import re
 import sys
 from pathlib import Path
 
+from psr.evaluate import steps_right
+from psr.report import benchmark_problems
+
 STEP = re.compile(r"Step (\d+):([^\n]*)")
 
 
@@ -33,9 +36,11 @@ def went_past(row: dict) -> bool:
     return False
 
 
-def checked_steps(task, problem, row: dict) -> bool | None:
-    from psr.evaluate import steps_right
-
+def checked_steps(task, problems: dict, row: dict) -> bool | None:
+    """The row's steps_right as psr eval records it, re-checked for evals older than that field."""
+    if "steps_right" in row:
+        return row["steps_right"]
+    problem = problems[row["id"]]
     assert problem.question == row["question"], f"problem {row['id']} is not the run's"
     return steps_right(task, problem, row["output"], row["correct"])
 
@@ -51,15 +56,15 @@ def main() -> None:
     models = {str(f.parent.relative_to(run)): {r["id"]: r for r in json.loads(f.read_text())["problems"]}
               for f in files}
     m1 = models.get("init")
-    from psr.report import benchmark_problems
-
-    task, problems = benchmark_problems(run, args.benchmark)
+    known = benchmark_problems(run, args.benchmark)
+    if known is None:
+        sys.exit(f"{run / 'config.yaml'}: no benchmark {args.benchmark!r} whose problems can be rebuilt")
+    task, problems = known
     out = {"command": "python benchmarks/past_the_answer.py " + " ".join(sys.argv[1:]), "models": {}}
     for stage, rows in models.items():
         row = {"n": len(rows), "right": sum(r["correct"] for r in rows.values()),
                "went_past_the_answer": sum(went_past(r) for r in rows.values()),
-               "steps_right": sum(bool(r.get("steps_right", checked_steps(task, problems[i], r)))
-                                  for i, r in rows.items()),
+               "steps_right": sum(bool(checked_steps(task, problems, r)) for r in rows.values()),
                "mean_steps": round(sum(r["n_steps"] for r in rows.values()) / max(1, len(rows)), 2)}
         if m1 is not None and stage != "init":
             lost = [i for i in rows if m1[i]["correct"] and not rows[i]["correct"]]

@@ -12,17 +12,18 @@ import json
 import sys
 from pathlib import Path
 
+from psr.inflight import unanimous
+
 
 def count(traces: list[dict]) -> dict:
     events = [e for t in traces for e in t["events"]]
-    unanimous = [e for e in events if e.get("tie") and len({c.strip() for c in e["candidates"]}) == 1]
+    alike = [e for e in events if e.get("tie") and unanimous(e["candidates"])]
     gave_up = [t for t in traces if t["status"] == "gave_up"]
     return {"problems": len(traces), "judged_steps": len(events), "ties": sum(bool(e.get("tie")) for e in events),
-            "unanimous_ties": len(unanimous),
-            "unanimous_ties_all_right": sum(all(r is True for r in e["candidate_correct"]) for e in unanimous),
+            "unanimous_ties": len(alike),
+            "unanimous_ties_all_right": sum(all(r is True for r in e["candidate_correct"]) for e in alike),
             "gave_up": len(gave_up),
-            "gave_up_on_unanimous": sum(len({c.strip() for c in t["events"][-1]["candidates"]}) == 1
-                                        for t in gave_up if t["events"])}
+            "gave_up_on_unanimous": sum(unanimous(t["events"][-1]["candidates"]) for t in gave_up if t["events"])}
 
 
 def main() -> None:

@@ -48,6 +48,11 @@ def request_seed(run_seed: int, problem_id: str, step: int, attempt: int, candid
     return mix_seed("psr-candidate", run_seed, problem_id, step, attempt, candidate)
 
 
+def unanimous(cands: list[str]) -> bool:
+    """Every candidate is the same step (nothing for a judge to tell apart)."""
+    return len({c.strip() for c in cands}) == 1
+
+
 def take_step(s: dict, cands: list[str], right: list, comp: Comparison, max_rollbacks: int, max_steps: int,
               oracle: bool, keep_unanimous: bool = False) -> bool:
     """Apply one judged step to problem state ``s`` (``path``, ``events``, ``rollbacks``, ``status``): record its
@@ -64,7 +69,7 @@ def take_step(s: dict, cands: list[str], right: list, comp: Comparison, max_roll
         # Oracle, every candidate right: any will do. Keep the first, learn nothing (no worst,
         # no pair); the tie rule below is for a judge that cannot tell right from wrong.
         best, worst = 0, None
-    elif keep_unanimous and len({c.strip() for c in cands}) == 1:
+    elif keep_unanimous and unanimous(cands):
         best, worst = 0, None  # one step written every time: nothing to judge, and no reason to resample before it
         event["unanimous"] = True
     elif max(comp.scores) == min(comp.scores):  # the judge cannot separate them: roll back
