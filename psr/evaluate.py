@@ -71,9 +71,11 @@ def steps_right(task, problem, output: str, correct: bool) -> bool | None:
     return bool(correct) and False not in checks
 
 
-def _eval_chunk(cfg: EvalConfig, task, model, tokenizer, problems, seed: int) -> list[dict]:
+def _eval_chunk(cfg: EvalConfig, model, tokenizer, problems, seed: int) -> list[dict]:
     """Every problem of one chunk solved and scored: greedy, then (``samples``) k sampled solutions."""
     from psr.lengths import fits
+
+    task = make_task(cfg.task)
 
     prompts = [render_prompt(tokenizer, p.question) for p in problems]
     # A problem whose prompt leaves less than max_new_tokens of the context is not solved: it counts wrong,
@@ -165,7 +167,7 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
                    desc="eval" + (f" (rank {rank})" if world > 1 else ""), unit="problem", disable=not progress,
                    dynamic_ncols=True)
         for c in mine:
-            rows = _eval_chunk(cfg, task, model, tokenizer, store.chunks[c], seed=cfg.seed * 1_000_003 + c)
+            rows = _eval_chunk(cfg, model, tokenizer, store.chunks[c], seed=cfg.seed * 1_000_003 + c)
             if parts is not None:
                 store.save(c, rows)
             else:
