@@ -70,3 +70,39 @@ def test_self_judges_drive_the_search_on_tiny_random(tmp_path, tiny, mode):
     stats = run_search(cfg, model, tok, progress=False)
     assert stats["problems"] == 2 and stats["judge_in_search"]["steps"] >= 2
     assert make_judge(model, tok, JudgeConfig(mode="truth")) is None
+
+
+def test_abstention_benchmark_scores_truth_free_signals_against_the_logged_truth(tmp_path, tiny):
+    """benchmarks/abstention.py on a scripted search log: identical candidates are skipped, each signal is read
+    from the candidates alone (the logged truth only grades it), and a signal that sorts the steps with a right
+    candidate above those without has AUC 1."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "abstention.py"
+    spec = importlib.util.spec_from_file_location("abstention", script)
+    abstention = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(abstention)
+    assert abstention.step_result("Step 2: 7 * 2 = 14.") == "14"
+    assert abstention.step_result("Step 3: so 5 + 1 = 6, \\boxed{6}") == "6" and abstention.step_result("hmm") is None
+    assert abstention.auc([3, 2], [1, 0]) == 1.0 and abstention.auc([1], [1]) == 0.5 and abstention.auc([], [1]) is None
+
+    q = "A farm has 3 eggs. It gets 4 more. How many eggs now?"
+    events = [{"previous_steps": [], "candidates": ["Step 1: 3 + 4 = 7."] * 3, "candidate_correct": [True] * 3},
+              {"previous_steps": [], "candidates": ["Step 1: 3 + 4 = 7.", "Step 1: 3 + 4 = 8.", "Step 1: 3 + 4 = 8."],
+               "candidate_correct": [True, False, False]},
+              {"previous_steps": [], "candidates": ["Step 1: 3 + 4 = 9.", "Step 1: 3 + 4 = 8.", "Step 1: hmm"],
+               "candidate_correct": [False, False, None]}]
+    log = tmp_path / "search.jsonl"
+    log.write_text(json.dumps({"question": q, "events": events}) + "\n")
+    steps = abstention.judged_steps(str(log))
+    assert [s["right"] for s in steps] == [[True, False, False], [False, False, False]]  # unanimous step skipped
+    model, tok = tiny
+    abstention.signals(steps, model, tok, rollouts=2)
+    for s in steps:
+        assert 0 <= s["agreement"] <= 1 and s["margin"] >= 0 and 0 <= s["consensus"] <= 1
+    steps[0]["agreement"], steps[1]["agreement"] = 1.0, 0.0  # scripted: this signal separates perfectly
+    m = abstention.measure(steps, "agreement")
+    assert m["auc_some_right_vs_none"] == 1.0
+    assert m["abstain"][1]["kept_with_no_right_candidate"] == 0 and m["abstain"][1]["kept_steps"] == 1
