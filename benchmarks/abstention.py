@@ -22,29 +22,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from psr.answers import last_boxed  # noqa: E402
+from psr.answers import flexible_answer  # noqa: E402
 from psr.engines import GenerationConfig, load_generator  # noqa: E402
 from psr.judge import JudgeConfig  # noqa: E402
 from psr.judge_own import candidate_loglik  # noqa: E402
 from psr.self_judges import ConsistencyJudge  # noqa: E402
 
-NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
-
 
 def step_result(step: str) -> str | None:
-    """What a step computes: its boxed answer, else its last number."""
-    boxed = last_boxed(step)
-    if boxed is not None:
-        return boxed.strip()
-    numbers = NUMBER_RE.findall(step.replace(",", ""))
-    return numbers[-1] if numbers else None
+    """What a step computes: its boxed answer, else its last number (the lenient reading of psr.answers)."""
+    return flexible_answer(step)
 
 
 def auc(pos: list[float], neg: list[float]) -> float | None:

@@ -42,8 +42,11 @@ def benchmark_problems(run_dir: Path, name: str) -> tuple | None:
     """The task of a run's benchmark ``name`` and its held-out problems by id, read from the run's config.yaml
     (the full config psr iterate stored; read as data, since psr.rounds imports this module): the step truth an
     eval row does not carry. None when the run has no such config or benchmark."""
+    import dataclasses
+
     from psr.config import ConfigError, from_dict, load_yaml
-    from psr.tasks import TaskConfig, make_task
+    from psr.evaluate import EvalConfig
+    from psr.tasks import make_task
 
     if not (run_dir / "config.yaml").exists():
         return None
@@ -52,9 +55,13 @@ def benchmark_problems(run_dir: Path, name: str) -> tuple | None:
         b = next((b for b in cfg.get("benchmarks") or [] if isinstance(b, dict) and b.get("name") == name), None)
         if b is None:
             return None
-        task = make_task(from_dict(TaskConfig, b.get("task")))
+        # the benchmark's psr eval settings with EvalConfig's defaults; its seed falls back to the run's, as in
+        # psr.rounds.BenchmarkConfig.eval_config
+        fields = {f.name for f in dataclasses.fields(EvalConfig)} - {"model", "out", "seed"}
+        e = from_dict(EvalConfig, {k: v for k, v in b.items() if k in fields})
         seed = cfg.get("seed", 0) if b.get("seed") is None else b["seed"]
-        problems = task.problems(b.get("split", "test"), b.get("limit"), seed=seed, offset=b.get("offset") or 0)
+        task = make_task(e.task)
+        problems = task.problems(e.split, e.limit, seed=seed, offset=e.offset)
         return task, {p.id: p for p in problems}
     except (ConfigError, DataError, OSError, ValueError, TypeError, AttributeError):
         return None
