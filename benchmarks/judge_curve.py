@@ -24,7 +24,6 @@ import dataclasses
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -65,6 +64,15 @@ def train_m1(icfg, rows: Path, kind: str, model_dir: Path) -> dict:
     final = dataclasses.replace(icfg, eft_source="file", eft_data=str(rows), eft_examples=None,
                                 eft_justification=kind == "recompute", out=str(model_dir))
     return _train(final)
+
+
+def train_end(log: dict) -> dict:
+    """The fit on its own training rows as training ended: loss and token accuracy, mean of the last 10 logs."""
+    out = {}
+    for key in ("loss", "mean_token_accuracy"):
+        tail = [h[key] for h in log.get("log_history", []) if key in h][-10:]
+        out[key] = round(sum(tail) / len(tail), 4) if tail else None
+    return out
 
 
 def measure(model_dir: Path, kind: str, args, out: Path) -> dict:
@@ -128,7 +136,6 @@ def main() -> None:
         for kind in args.kinds:
             name = f"{kind}_x{scale}"
             icfg = init_config(load_config(RunConfig, args.recipe), out / name / "model")
-            started = time.perf_counter()
             stats = build_rows(icfg, args.ift_pass, scale, kind, out, args.reuse_search if scale == 1 else None)
             if scale == 1 and kind == "verdict" and args.reuse_m1 and not (out / name / "model").exists():
                 (out / name).mkdir(parents=True, exist_ok=True)
@@ -138,11 +145,10 @@ def main() -> None:
             summary["arms"][name] = {
                 "scale": scale, "kind": kind, "eft_pairs": stats["pairs"], "eft_rows": stats["rows"],
                 "searched_problems": stats["problems"], "train_examples": log.get("examples"),
-                "train_loss": log.get("train_loss"),
+                "train_end": train_end(log),
                 "modes": {m: {k: v[k] for k in ("kept_right", "kept_right_interval", "random_right", "gain_z",
                                                 "ties", "mixed_steps", "unparseable", "reasoning") if k in v}
-                          for m, v in result["modes"].items()},
-                "seconds": round(time.perf_counter() - started, 1)}
+                          for m, v in result["modes"].items()}}
             (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             plot(summary, out / "summary.png")
             print(name, json.dumps(summary["arms"][name]["modes"]), flush=True)

@@ -1,6 +1,9 @@
 """Self-judges beyond the paper (psr.self_judges): scripted rollouts for the consistency score, and both
 modes through the real search on tiny-random (ties, rollbacks and pairs as with the LLM judge)."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 
 from psr.judge import JudgeConfig
@@ -72,18 +75,21 @@ def test_self_judges_drive_the_search_on_tiny_random(tmp_path, tiny, mode):
     assert make_judge(model, tok, JudgeConfig(mode="truth")) is None
 
 
+def load_benchmark(name: str):
+    """A script under benchmarks/ as a module (they are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_abstention_benchmark_scores_truth_free_signals_against_the_logged_truth(tmp_path, tiny):
     """benchmarks/abstention.py on a scripted search log: identical candidates are skipped, each signal is read
     from the candidates alone (the logged truth only grades it), and a signal that sorts the steps with a right
     candidate above those without has AUC 1."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    script = Path(__file__).parents[1] / "benchmarks" / "abstention.py"
-    spec = importlib.util.spec_from_file_location("abstention", script)
-    abstention = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(abstention)
+    abstention = load_benchmark("abstention")
     assert abstention.step_result("Step 2: 7 * 2 = 14.") == "14"
     assert abstention.step_result("Step 3: so 5 + 1 = 6, \\boxed{6}") == "6" and abstention.step_result("hmm") is None
     assert abstention.auc([3, 2], [1, 0]) == 1.0 and abstention.auc([1], [1]) == 0.5 and abstention.auc([], [1]) is None
@@ -106,3 +112,13 @@ def test_abstention_benchmark_scores_truth_free_signals_against_the_logged_truth
     m = abstention.measure(steps, "agreement")
     assert m["auc_some_right_vs_none"] == 1.0
     assert m["abstain"][1]["kept_with_no_right_candidate"] == 0 and m["abstain"][1]["kept_steps"] == 1
+
+
+def test_judge_curve_reports_the_fit_on_its_training_rows_as_training_ended():
+    """benchmarks/judge_curve.py: the summary's train_end is the mean of the last 10 logged steps (the issue asks
+    to train until the fit on its own rows stops rising), not the first steps, and None where nothing was logged."""
+    judge_curve = load_benchmark("judge_curve")
+    history = [{"loss": 2.0, "mean_token_accuracy": 0.3}] * 5 + [{"loss": 0.1, "mean_token_accuracy": 0.9}] * 10
+    log = {"log_history": history + [{"train_runtime": 1.0}]}
+    assert judge_curve.train_end(log) == {"loss": 0.1, "mean_token_accuracy": 0.9}
+    assert judge_curve.train_end({}) == {"loss": None, "mean_token_accuracy": None}
