@@ -80,7 +80,8 @@ def signals(steps: list[dict], model, tok, rollouts: int) -> None:
                                                           consistency_rollouts=rollouts))
         comps = judge.compare([(s["question"], s["previous_steps"], s["candidates"]) for s in steps])
         for s, comp in zip(steps, comps):
-            s["consensus"] = sum(comp.replies["scores"]) / len(comp.replies["scores"])
+            shares = comp.consistency["shares"]
+            s["consensus"] = sum(shares) / len(shares)
 
 
 def measure(steps: list[dict], name: str) -> dict:

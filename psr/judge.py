@@ -144,6 +144,7 @@ class Comparison:
     disagreements: int  # unordered pairs whose two orders disagree
     unparseable: int = 0  # generate mode: replies without a verdict (counted as no preference)
     replies: dict = field(default_factory=dict)  # generate mode: raw replies, "i,j" -> text
+    consistency: dict | None = None  # consistency mode: the step's consensus answer and each candidate's share
     elided: int = 0  # earlier steps left out of the prompts so that they fit the context (psr.lengths)
     too_long: bool = False  # even without earlier steps the comparison did not fit: no preference at all
 

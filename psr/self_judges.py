@@ -79,7 +79,7 @@ class ConsistencyJudge:
         for (_, _, cands), rows in zip(items, rollouts):
             scores, top = consistency_scores(cands, rows)
             comp = score_comparison(scores, self.cfg.tie_margin)
-            comp.replies = {"consensus": top, "scores": scores}
+            comp.consistency = {"consensus": top, "shares": scores}
             comps.append(comp)
         return comps
 

@@ -75,6 +75,23 @@ def test_self_judges_drive_the_search_on_tiny_random(tmp_path, tiny, mode):
     assert make_judge(model, tok, JudgeConfig(mode="truth")) is None
 
 
+def test_consistency_scores_are_not_read_as_a_reasoning_judges_replies(tiny):
+    """score_own (benchmarks/self_judge.py) reads replies as the generate mode's "i,j" -> text; the consistency
+    judge keeps its consensus and shares apart, so a consistency measure reports no replies to check."""
+    from psr.judge_own import score_own
+
+    model, tok = tiny
+    judge = make_judge(model, tok, JudgeConfig(mode="consistency", tie_margin=0.0, consistency_rollouts=2,
+                                               consistency_max_new_tokens=8))
+    cands = ["Step 1: 2 + 3 = 5.", "Step 1: 2 + 3 = 6.", "Step 1: 2 + 3 = 5."]
+    step = {"problem_id": "p", "question": "What is 2 + 3?", "previous_steps": [], "candidates": cands,
+            "candidate_correct": [True, False, True]}
+    comp = judge.compare([(step["question"], [], cands)])[0]
+    assert comp.replies == {} and len(comp.consistency["shares"]) == 3
+    out = score_own(judge, [step])
+    assert out["mixed_steps"] == 1 and "replies" not in out and "unparseable" not in out
+
+
 def load_benchmark(name: str):
     """A script under benchmarks/ as a module (they are scripts, not a package)."""
     spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
