@@ -5,7 +5,8 @@ the PSR arm ends above M1 on held-out arithmetic in every seed, significant afte
 SRLM.
 
     python benchmarks/experiment_summary.py results/experiment_v4/s0/per_problem.jsonl \\
-        results/experiment_v4/s1/per_problem.jsonl --out results/experiment_v4/summary.json
+        results/experiment_v4/s1/per_problem.jsonl --out results/experiment_v4/summary.json \\
+        --plot results/experiment_v4/summary.png
 """
 
 from __future__ import annotations
@@ -51,15 +52,48 @@ def comparisons(name: str, grades: dict) -> list[dict]:
     return rows
 
 
+def accuracies(grades: dict, benchmark: str) -> dict:
+    """model -> accuracy on ``benchmark`` (M1, then each arm's rounds, as the report names them)."""
+    return {m: sum(right.values()) / len(right) for (m, b), right in grades.items() if b == benchmark and right}
+
+
+def plot(accuracy: dict, benchmark: str, path: str) -> None:
+    """Accuracy by round, one panel per arm, one line per seed, each starting at its seed's M1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = sorted({m.split()[1] for acc in accuracy.values() for m in acc if " " in m})
+    fig, axes = plt.subplots(1, max(len(arms), 1), figsize=(4 * max(len(arms), 1), 3.2), sharey=True, squeeze=False)
+    for ax, arm in zip(axes[0], arms):
+        for seed, acc in accuracy.items():
+            rounds = sorted((int(m.split()[0][1:]) - 1, a) for m, a in acc.items() if m.endswith(" " + arm))
+            if "M1" in acc and rounds:
+                ax.plot([0] + [r for r, _ in rounds], [acc["M1"]] + [a for _, a in rounds], marker="o", label=seed)
+        ax.set_title(arm)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlabel("round (0: M1)")
+        ax.legend()
+    axes[0][0].set_ylabel(f"{benchmark} accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("per_problem", nargs="+", help="one per_problem.jsonl per seed")
     ap.add_argument("--benchmark", default="arithmetic", help="the benchmark the goal is read on")
     ap.add_argument("--alpha", type=float, default=0.05)
     ap.add_argument("--out")
+    ap.add_argument("--plot", help="a PNG of each arm's accuracy by round, one line per seed")
     args = ap.parse_args(argv)
     # each seed by its folder's name (results/experiment_v4/s1/per_problem.jsonl: s1)
-    rows = [c for path in args.per_problem for c in comparisons(Path(path).parent.name, read_grades(path))]
+    grades = {Path(path).parent.name: read_grades(path) for path in args.per_problem}
+    rows = [c for name, g in grades.items() for c in comparisons(name, g)]
+    accuracy = {name: accuracies(g, args.benchmark) for name, g in grades.items()}
+    if args.plot:
+        plot(accuracy, args.benchmark, args.plot)
     tested = [r for r in rows if r.get("z") is not None]
     for r, p in zip(tested, holm([two_sided_p(r["z"]) for r in tested])):
         r["p"], r["holm_p"], r["significant"] = two_sided_p(r["z"]), p, p < args.alpha
@@ -89,7 +123,8 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps({"command": "python benchmarks/experiment_summary.py "
                                               + " ".join(sys.argv[1:] if argv is None else argv),
-                                              "alpha": args.alpha, "comparisons": rows, "goal": goal,
+                                              "alpha": args.alpha, "benchmark": args.benchmark,
+                                              "accuracy": accuracy, "comparisons": rows, "goal": goal,
                                               "goal_reached": reached}, indent=2) + "\n")
     return 0
 

@@ -153,9 +153,11 @@ def test_experiment_summary_reads_the_goal_over_both_seeds(tmp_path, capsys):
     good = {"M1": 20, "M2 PSR": 30, "M3 PSR": 45, "M2 SRLM": 25, "M3 SRLM": 30}
     s0, s1 = _per_problem(tmp_path / "s0", good), _per_problem(tmp_path / "s1", good)
     out = tmp_path / "summary.json"
-    summary.main([s0, s1, "--out", str(out)])
+    summary.main([s0, s1, "--out", str(out), "--plot", str(tmp_path / "summary.png")])
     result = json.loads(out.read_text())
     assert result["goal_reached"] and set(result["goal"]) == {"s0", "s1"}
+    assert result["accuracy"]["s1"] == {"M1": 0.2, "M2 PSR": 0.3, "M3 PSR": 0.45, "M2 SRLM": 0.25, "M3 SRLM": 0.3}
+    assert (tmp_path / "summary.png").stat().st_size > 0
     psr_vs_srlm = [r for r in result["comparisons"] if r["model"] == "M3 PSR" and r["against"] == "M3 SRLM"]
     assert [round(r["difference"], 2) for r in psr_vs_srlm] == [0.15, 0.15]
     # seed 1's PSR falls behind SRLM: not reached
