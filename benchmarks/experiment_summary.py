@@ -115,9 +115,11 @@ def main(argv=None) -> int:
         if psr is not None:
             vs_srlm = next((r for r in rows if r["seed"] == seed and r["benchmark"] == args.benchmark
                             and r["model"] == psr["model"] and r["against"] != "M1"), None)
-        goal[seed] = {"psr_last_above_m1_significant": bool(psr and psr["difference"] > 0 and psr.get("significant")),
-                      "psr_last_at_or_above_srlm": bool(vs_srlm and vs_srlm["difference"] >= 0)}
-    reached = bool(goal) and all(all(g.values()) for g in goal.values())
+        # None: that arm is not in this seed's file yet (an arm still running), so not known, not failed
+        goal[seed] = {"psr_last_above_m1_significant": None if psr is None else
+                      bool(psr["difference"] > 0 and psr.get("significant")),
+                      "psr_last_at_or_above_srlm": None if vs_srlm is None else vs_srlm["difference"] >= 0}
+    reached = bool(goal) and all(all(v is True for v in g.values()) for g in goal.values())
     print("goal (PSR's last round above M1, significant, and at or above SRLM, in every seed):",
           "reached" if reached else "not reached", goal)
     if args.out:

@@ -166,6 +166,11 @@ def test_experiment_summary_reads_the_goal_over_both_seeds(tmp_path, capsys):
     assert json.loads(out.read_text())["goal"]["s1b"] == {"psr_last_above_m1_significant": True,
                                                           "psr_last_at_or_above_srlm": False}
     assert "not reached" in capsys.readouterr().out
+    # a seed whose SRLM arm has not run yet: not known, and the goal is not reached on it
+    s1 = _per_problem(tmp_path / "s1c", {m: k for m, k in good.items() if "SRLM" not in m})
+    summary.main([s0, s1, "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["goal"]["s1c"]["psr_last_at_or_above_srlm"] is None and not result["goal_reached"]
 
 
 def test_a_run_given_its_m1_without_m0_has_no_m0_row(tmp_path):
