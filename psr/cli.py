@@ -434,7 +434,8 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
             p.add_argument("--restart-from", metavar="STAGE", help="redo from this stage on, e.g. psr/round_1/search; "
                            "config changes used only from there on are accepted with it")
             p.add_argument("--stop-after", choices=["init", "search", "train", "eval"],
-                           help="stop once the next unfinished stage of this kind is done (for make targets)")
+                           help="stop once the next unfinished stage of this kind is done; "
+                           "none left: stop at once (for make targets)")
         else:
             p.add_argument("--config", metavar="FILE", help="YAML file with the fields below (flags win over it)")
         if commands is None or name in commands:

@@ -690,6 +690,11 @@ def _iterate(cfg: RunConfig, run_dir: str | Path | None = None, restart_from: st
         kind, message = decision["error"]
         raise kind(message)
     finished = dict(zip(ids, decision["done"]))
+    if stop_after and all(finished[s.id] for s in stages if s.kind == stop_after):
+        # Without this, a second `--stop-after init` on a run whose init is done would run every later stage.
+        if rank == 0:
+            console.print(f"--stop-after {stop_after}: every {stop_after} stage of {run_dir} is done; nothing to run")
+        return run_dir
 
     for n, stage in enumerate(stages, 1):
         if finished[stage.id]:

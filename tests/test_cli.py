@@ -64,6 +64,9 @@ def test_iterate_takes_dotted_overrides_over_the_recipe(tmp_path):
     assert stored["search"]["sampling"]["t0"] == 0.9 and stored["search"]["sampling"]["policy"] == "edt"
     assert stored["init"]["trl"] == {"run_name": "tiny-init"}
     assert (run / "init" / "init.done").exists() and not (run / "init" / "eval.done").exists()
+    # Again with init done: nothing of that kind is left, so it stops at once rather than running the rest.
+    assert main(["iterate", "--config", str(TINY), "--run", str(run), "--stop-after", "init", "--no-eval-m0"]) == 0
+    assert not (run / "init" / "eval.done").exists() and sorted(p.name for p in run.iterdir() if p.is_dir()) == ["init"]
 
 
 def test_command_line_values_are_checked_like_the_file(tmp_path, capsys):
